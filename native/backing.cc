@@ -1,0 +1,642 @@
+#include "backing.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+namespace dmr {
+
+namespace {
+
+bool IsWholeNonNegative(double v, double max) { return v >= 0 && v <= max && std::floor(v) == v; }
+
+int WorkerIoctl(int fd, const WorkerJob& job) {
+  if (job.op == kOpTestHang) {
+    struct timespec ts;
+    ts.tv_sec = static_cast<time_t>(job.length / 1000);
+    ts.tv_nsec = static_cast<long>((job.length % 1000) * 1000000);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+    return 0;
+  }
+  uint64_t range[2] = {job.offset, job.length};
+  unsigned long req = job.op == kOpDiscard ? BLKDISCARD : BLKZEROOUT;
+  int rc;
+  do {
+    rc = ioctl(fd, req, range);
+  } while (rc < 0 && errno == EINTR);
+  return rc < 0 ? -errno : 0;
+}
+
+}  // namespace
+
+void NativeBacking::Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function cls = DefineClass(env, "NativeBacking",
+                                   {
+                                       InstanceMethod("open", &NativeBacking::Open),
+                                       InstanceMethod("info", &NativeBacking::Info),
+                                       InstanceMethod("submit", &NativeBacking::Submit),
+                                       InstanceMethod("cancel", &NativeBacking::Cancel),
+                                       InstanceMethod("close", &NativeBacking::Close),
+                                       InstanceMethod("enableTestHooks", &NativeBacking::EnableTestHooks),
+                                       InstanceMethod("errorStage", &NativeBacking::ErrorStage),
+                                   });
+  exports.Set("NativeBacking", cls);
+}
+
+// new NativeBacking(onComplete: (count) => void, completions: Float64Array)
+NativeBacking::NativeBacking(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBacking>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() >= 2 && info[0].IsFunction() && info[1].IsTypedArray() &&
+      info[1].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) {
+    onComplete_ = Napi::Persistent(info[0].As<Napi::Function>());
+    Napi::Float64Array arr = info[1].As<Napi::Float64Array>();
+    completionsCap_ = arr.ElementLength() / 2;
+    completionsRef_ = Napi::Persistent(arr);
+    asyncContext_ = std::make_unique<Napi::AsyncContext>(env, "dm_remapd:backing");
+  } else {
+    errorStage_ = "constructor arguments";
+  }
+}
+
+NativeBacking::~NativeBacking() { CloseNative(0); }
+
+void NativeBacking::EnvCleanup(void* arg) { static_cast<NativeBacking*>(arg)->CloseNative(0); }
+
+Napi::Value NativeBacking::ErrorStage(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), errorStage_);
+}
+
+Napi::Value NativeBacking::EnableTestHooks(const Napi::CallbackInfo& info) {
+  testHooks_ = true;
+  return info.Env().Undefined();
+}
+
+// open(path, direct, readOnly, exclusive, queueDepth) -> 0 | -errno
+Napi::Value NativeBacking::Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (open_ || closed_ || completionsCap_ == 0) {
+    if (errorStage_.empty()) errorStage_ = "state";
+    return Napi::Number::New(env, -EINVAL);
+  }
+  if (info.Length() < 5 || !info[0].IsString() || !info[4].IsNumber()) {
+    errorStage_ = "arguments";
+    return Napi::Number::New(env, -EINVAL);
+  }
+  double depth = info[4].As<Napi::Number>().DoubleValue();
+  if (!IsWholeNonNegative(depth, 32768) || depth < 1) {
+    errorStage_ = "queueDepth";
+    return Napi::Number::New(env, -EINVAL);
+  }
+  int rc = OpenImpl(info[0].As<Napi::String>().Utf8Value(), info[1].ToBoolean().Value(),
+                    info[2].ToBoolean().Value(), info[3].ToBoolean().Value(), static_cast<unsigned>(depth));
+  if (rc < 0) {
+    CloseNative(0);
+    closed_ = false;  // never opened: nothing to report as closed
+    return Napi::Number::New(env, rc);
+  }
+  return Napi::Number::New(env, 0);
+}
+
+int NativeBacking::OpenImpl(const std::string& path, bool direct, bool readOnly, bool exclusive,
+                            unsigned depth) {
+  path_ = path;
+  direct_ = direct;
+  readOnly_ = readOnly;
+  int flags = O_CLOEXEC | (readOnly ? O_RDONLY : O_RDWR);
+  if (direct) flags |= O_DIRECT;
+  if (exclusive) flags |= O_EXCL;
+  UniqueFd fd(::open(path.c_str(), flags));
+  if (!fd.valid()) {
+    errorStage_ = "open";
+    return -errno;
+  }
+  struct stat st;
+  if (fstat(fd.get(), &st) != 0) {
+    errorStage_ = "fstat";
+    return -errno;
+  }
+  dev_ = st.st_dev;
+  ino_ = st.st_ino;
+  rdev_ = st.st_rdev;
+  isBlockDevice_ = S_ISBLK(st.st_mode);
+  if (isBlockDevice_) {
+    uint64_t size = 0;
+    int lbs = 0;
+    unsigned int pbs = 0;
+    if (ioctl(fd.get(), BLKGETSIZE64, &size) != 0) {
+      errorStage_ = "BLKGETSIZE64";
+      return -errno;
+    }
+    if (ioctl(fd.get(), BLKSSZGET, &lbs) != 0) {
+      errorStage_ = "BLKSSZGET";
+      return -errno;
+    }
+    if (ioctl(fd.get(), BLKPBSZGET, &pbs) != 0) {
+      errorStage_ = "BLKPBSZGET";
+      return -errno;
+    }
+    sizeBytes_ = size;
+    logicalBlockSize_ = lbs > 0 ? static_cast<uint32_t>(lbs) : 512;
+    physicalBlockSize_ = pbs > 0 ? pbs : logicalBlockSize_;
+  } else {
+    sizeBytes_ = static_cast<uint64_t>(st.st_size);
+    logicalBlockSize_ = 512;
+    physicalBlockSize_ = st.st_blksize > 0 ? static_cast<uint32_t>(st.st_blksize) : 4096;
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    if (statx(fd.get(), "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) &&
+        stx.stx_dio_offset_align > 0) {
+      logicalBlockSize_ = stx.stx_dio_offset_align;
+    }
+#endif
+  }
+
+  shared_ = std::make_shared<WorkerShared>();
+  shared_->fd = std::move(fd);
+
+  eventFd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!eventFd_.valid()) {
+    errorStage_ = "eventfd";
+    return -errno;
+  }
+  shared_->eventFd = eventFd_.get();
+
+  int rc = SetupRing(depth);
+  if (rc < 0) {
+    errorStage_ = "io_uring_queue_init";
+    return rc;
+  }
+  rc = io_uring_register_eventfd(&ring_, eventFd_.get());
+  if (rc < 0) {
+    errorStage_ = "io_uring_register_eventfd";
+    return rc;
+  }
+
+  Napi::Env env = Env();
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
+    errorStage_ = "uv loop";
+    return -EINVAL;
+  }
+  poll_ = new uv_poll_t;
+  rc = uv_poll_init(loop, poll_, eventFd_.get());
+  if (rc != 0) {
+    delete poll_;
+    poll_ = nullptr;
+    errorStage_ = "uv_poll_init";
+    return rc;  // libuv errors are negative errnos on Linux
+  }
+  poll_->data = this;
+  rc = uv_poll_start(poll_, UV_READABLE, OnPoll);
+  if (rc != 0) {
+    poll_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnPollClosed);
+    poll_ = nullptr;
+    errorStage_ = "uv_poll_start";
+    return rc;
+  }
+  // Idle devices do not keep the process alive; in-flight I/O does.
+  uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+  loopRefed_ = false;
+
+  napi_add_env_cleanup_hook(env, EnvCleanup, this);
+  cleanupHookAdded_ = true;
+  Ref();  // the poll callback needs this object alive until close
+  selfRefed_ = true;
+  open_ = true;
+  return 0;
+}
+
+int NativeBacking::SetupRing(unsigned depth) {
+  struct Attempt {
+    unsigned flags;
+    const char* name;
+  };
+  const Attempt attempts[] = {
+      {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, "defer_taskrun"},
+      {IORING_SETUP_COOP_TASKRUN, "coop_taskrun"},
+      {0, "plain"},
+  };
+  int rc = -EINVAL;
+  for (const Attempt& a : attempts) {
+    io_uring_params p{};
+    p.flags = a.flags;
+    rc = io_uring_queue_init_params(depth, &ring_, &p);
+    if (rc == 0) {
+      ringInit_ = true;
+      deferTaskrun_ = (a.flags & IORING_SETUP_DEFER_TASKRUN) != 0;
+      ringSetup_ = a.name;
+      return 0;
+    }
+    if (rc != -EINVAL) return rc;  // only "unknown flag" falls back
+  }
+  return rc;
+}
+
+Napi::Value NativeBacking::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("path", path_);
+  o.Set("sizeBytes", static_cast<double>(sizeBytes_));
+  o.Set("logicalBlockSize", logicalBlockSize_);
+  o.Set("physicalBlockSize", physicalBlockSize_);
+  o.Set("isBlockDevice", isBlockDevice_);
+  o.Set("openMode", direct_ ? "direct" : "buffered");
+  o.Set("readOnly", readOnly_);
+  o.Set("dev", static_cast<double>(dev_));
+  o.Set("ino", static_cast<double>(ino_));
+  o.Set("rdev", static_cast<double>(rdev_));
+  o.Set("ringSetup", ringSetup_);
+  return o;
+}
+
+void NativeBacking::SignalEventFd() {
+  uint64_t one = 1;
+  ssize_t n = write(eventFd_.get(), &one, sizeof one);
+  (void)n;  // EAGAIN only if the counter is saturated, which still wakes the poll
+}
+
+void NativeBacking::PushImmediate(uint64_t id, int32_t res) {
+  immediate_.push_back({id, res});
+  ++inflight_;
+  SignalEventFd();
+}
+
+io_uring_sqe* NativeBacking::GetSqe() {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) {
+    io_uring_submit(&ring_);
+    sqe = io_uring_get_sqe(&ring_);
+  }
+  return sqe;
+}
+
+int NativeBacking::QueueWorkerJob(const WorkerJob& job) {
+  if (!workerStarted_) {
+    auto* arg = new std::shared_ptr<WorkerShared>(shared_);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    int rc = pthread_create(&worker_, &attr, WorkerMain, arg);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+      delete arg;
+      return -rc;
+    }
+    workerStarted_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->jobs.push_back(job);
+  }
+  shared_->jobsCv.notify_one();
+  ++inflight_;
+  return 0;
+}
+
+void* NativeBacking::WorkerMain(void* arg) {
+  std::shared_ptr<WorkerShared> s = std::move(*static_cast<std::shared_ptr<WorkerShared>*>(arg));
+  delete static_cast<std::shared_ptr<WorkerShared>*>(arg);
+  std::unique_lock<std::mutex> lock(s->mu);
+  for (;;) {
+    s->jobsCv.wait(lock, [&] { return s->stop || !s->jobs.empty(); });
+    if (s->stop) break;
+    WorkerJob job = s->jobs.front();
+    s->jobs.pop_front();
+    int fd = s->fd.get();
+    lock.unlock();
+    int res = WorkerIoctl(fd, job);
+    lock.lock();
+    if (!s->deviceGone) {
+      s->results.push_back({job.id, res});
+      uint64_t one = 1;
+      ssize_t n = write(s->eventFd, &one, sizeof one);
+      (void)n;
+    }
+  }
+  s->exited = true;
+  s->exitCv.notify_all();
+  return nullptr;
+  // `s` (maybe the last reference, after a detach) is released here, closing the fd.
+}
+
+// submit(desc: Float64Array [op,id,offset,length,flags]*count, bufs: Array, count) -> count | -errno
+Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!open_ || closed_) return Napi::Number::New(env, -EBADF);
+  if (info.Length() < 3 || !info[0].IsTypedArray() || !info[1].IsArray() || !info[2].IsNumber()) {
+    return Napi::Number::New(env, -EINVAL);
+  }
+  Napi::TypedArray ta = info[0].As<Napi::TypedArray>();
+  if (ta.TypedArrayType() != napi_float64_array) return Napi::Number::New(env, -EINVAL);
+  Napi::Float64Array descArr = ta.As<Napi::Float64Array>();
+  Napi::Array bufs = info[1].As<Napi::Array>();
+  double dcount = info[2].As<Napi::Number>().DoubleValue();
+  if (!IsWholeNonNegative(dcount, static_cast<double>(descArr.ElementLength() / 5))) {
+    return Napi::Number::New(env, -EINVAL);
+  }
+  const size_t count = static_cast<size_t>(dcount);
+  const double* d = descArr.Data();
+  const int fd = shared_->fd.get();
+  const double kMaxU64 = 9007199254740991.0;  // 2^53-1: exact in a double
+  unsigned queued = 0;
+  bool wasIdle = inflight_ == 0;
+
+  for (size_t i = 0; i < count; ++i) {
+    const double* e = d + i * 5;
+    const int op = static_cast<int>(e[0]);
+    if (!IsWholeNonNegative(e[1], kMaxU64) || e[1] == 0) continue;  // no valid id: cannot answer
+    const uint64_t id = static_cast<uint64_t>(e[1]);
+    if (!IsWholeNonNegative(e[2], kMaxU64) || !IsWholeNonNegative(e[3], kMaxU64) ||
+        !IsWholeNonNegative(e[4], 4294967295.0)) {
+      PushImmediate(id, -EINVAL);
+      continue;
+    }
+    const uint64_t offset = static_cast<uint64_t>(e[2]);
+    const uint64_t length = static_cast<uint64_t>(e[3]);
+    const uint32_t flags = static_cast<uint32_t>(e[4]);
+    switch (op) {
+      case kOpRead:
+      case kOpWrite: {
+        Napi::Value b = bufs.Get(static_cast<uint32_t>(i));
+        if (!b.IsTypedArray()) {
+          PushImmediate(id, -EFAULT);
+          break;
+        }
+        Napi::TypedArray t = b.As<Napi::TypedArray>();
+        size_t byteLen = t.ByteLength();
+        uint8_t* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
+        if (base == nullptr && byteLen > 0) {
+          PushImmediate(id, -EFAULT);  // detached buffer
+          break;
+        }
+        if (length > byteLen || length > 0xFFFFFFFFull) {
+          PushImmediate(id, -EINVAL);
+          break;
+        }
+        io_uring_sqe* sqe = GetSqe();
+        if (sqe == nullptr) {
+          PushImmediate(id, -EBUSY);
+          break;
+        }
+        uint8_t* ptr = base == nullptr ? nullptr : base + t.ByteOffset();
+        if (op == kOpRead) {
+          io_uring_prep_read(sqe, fd, ptr, static_cast<unsigned>(length), offset);
+        } else {
+          io_uring_prep_write(sqe, fd, ptr, static_cast<unsigned>(length), offset);
+          if (flags & kFlagFua) sqe->rw_flags = RWF_DSYNC;
+        }
+        io_uring_sqe_set_data64(sqe, id);
+        ++queued;
+        ++inflight_;
+        break;
+      }
+      case kOpFdatasync: {
+        io_uring_sqe* sqe = GetSqe();
+        if (sqe == nullptr) {
+          PushImmediate(id, -EBUSY);
+          break;
+        }
+        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+        io_uring_sqe_set_data64(sqe, id);
+        ++queued;
+        ++inflight_;
+        break;
+      }
+      case kOpDiscard:
+      case kOpWriteZeroes: {
+        if (isBlockDevice_) {
+          int rc = QueueWorkerJob({id, op, offset, length});
+          if (rc < 0) PushImmediate(id, rc);
+          break;
+        }
+        io_uring_sqe* sqe = GetSqe();
+        if (sqe == nullptr) {
+          PushImmediate(id, -EBUSY);
+          break;
+        }
+        int mode = op == kOpDiscard ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+                                    : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
+        io_uring_prep_fallocate(sqe, fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length));
+        io_uring_sqe_set_data64(sqe, id);
+        ++queued;
+        ++inflight_;
+        break;
+      }
+      case kOpTestHang: {
+        if (!testHooks_) {
+          PushImmediate(id, -EINVAL);
+          break;
+        }
+        int rc = QueueWorkerJob({id, op, offset, length});
+        if (rc < 0) PushImmediate(id, rc);
+        break;
+      }
+      default:
+        PushImmediate(id, -EINVAL);
+        break;
+    }
+  }
+  if (queued > 0) {
+    int rc;
+    do {
+      rc = io_uring_submit(&ring_);
+    } while (rc == -EINTR);
+    // On -EAGAIN/-EBUSY the SQEs stay in the SQ ring; Reap() retries.
+    if (rc < 0) SignalEventFd();
+  }
+  if (wasIdle) UpdateLoopRef();
+  return Napi::Number::New(env, static_cast<double>(count));
+}
+
+// cancel() -> 0 | -errno: one ASYNC_CANCEL (ANY|ALL) for everything in the ring.
+Napi::Value NativeBacking::Cancel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!open_ || closed_) return Napi::Number::New(env, -EBADF);
+  io_uring_sqe* sqe = GetSqe();
+  if (sqe == nullptr) return Napi::Number::New(env, -EBUSY);
+  io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL);
+  io_uring_sqe_set_data64(sqe, kCancelUserData);
+  int rc = io_uring_submit(&ring_);
+  return Napi::Number::New(env, rc < 0 ? rc : 0);
+}
+
+void NativeBacking::UpdateLoopRef() {
+  if (poll_ == nullptr) return;
+  bool want = inflight_ > 0;
+  if (want == loopRefed_) return;
+  if (want) {
+    uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
+  } else {
+    uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+  }
+  loopRefed_ = want;
+}
+
+void NativeBacking::OnPoll(uv_poll_t* handle, int status, int events) {
+  auto* self = static_cast<NativeBacking*>(handle->data);
+  if (self != nullptr) self->Reap();
+}
+
+void NativeBacking::OnPollClosed(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
+
+void NativeBacking::Reap() {
+  if (!open_ || closed_) return;
+  Napi::Env env = Env();
+  Napi::HandleScope scope(env);
+  uint64_t counter;
+  ssize_t n = read(eventFd_.get(), &counter, sizeof counter);  // clear before reaping
+  (void)n;
+  if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
+
+  for (int round = 0; round < 16; ++round) {
+    if (deferTaskrun_) io_uring_get_events(&ring_);
+    Napi::Float64Array arr = completionsRef_.Value();
+    double* out = arr.Data();
+    size_t cnt = 0;
+    const size_t cap = completionsCap_;
+
+    io_uring_cqe* cqe;
+    unsigned head;
+    unsigned seen = 0;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      if (cnt == cap) break;
+      uint64_t ud = io_uring_cqe_get_data64(cqe);
+      out[cnt * 2] = static_cast<double>(ud);
+      out[cnt * 2 + 1] = cqe->res;
+      ++cnt;
+      ++seen;
+      if (ud != kCancelUserData) --inflight_;
+    }
+    if (seen > 0) io_uring_cq_advance(&ring_, seen);
+
+    if (cnt < cap && !immediate_.empty()) {
+      size_t take = std::min(cap - cnt, immediate_.size());
+      for (size_t i = 0; i < take; ++i) {
+        out[cnt * 2] = static_cast<double>(immediate_[i].id);
+        out[cnt * 2 + 1] = immediate_[i].res;
+        ++cnt;
+      }
+      immediate_.erase(immediate_.begin(), immediate_.begin() + static_cast<std::ptrdiff_t>(take));
+      inflight_ -= take;
+    }
+    if (cnt < cap && workerStarted_) {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      size_t take = std::min(cap - cnt, shared_->results.size());
+      for (size_t i = 0; i < take; ++i) {
+        out[cnt * 2] = static_cast<double>(shared_->results[i].id);
+        out[cnt * 2 + 1] = shared_->results[i].res;
+        ++cnt;
+      }
+      shared_->results.erase(shared_->results.begin(),
+                             shared_->results.begin() + static_cast<std::ptrdiff_t>(take));
+      inflight_ -= take;
+    }
+    if (cnt == 0) break;
+    UpdateLoopRef();
+
+    napi_value argv[1] = {Napi::Number::New(env, static_cast<double>(cnt))};
+    napi_value result;
+    napi_status st = napi_make_callback(env, *asyncContext_, Value(), onComplete_.Value(), 1, argv, &result);
+    if (st != napi_ok) {
+      bool pending = false;
+      if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+        napi_value err;
+        napi_get_and_clear_last_exception(env, &err);
+        napi_fatal_exception(env, err);
+      }
+    }
+    if (closed_) return;  // JS closed the device from inside the callback
+    if (cnt < cap) break;
+  }
+}
+
+Napi::Value NativeBacking::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int waitMs = 0;
+  if (info.Length() >= 1 && info[0].IsNumber()) {
+    double w = info[0].As<Napi::Number>().DoubleValue();
+    if (w > 0) waitMs = w > 60000 ? 60000 : static_cast<int>(w);
+  }
+  CloseResult r = CloseNative(waitMs);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("workerAbandoned", r.workerAbandoned);
+  o.Set("workerDetached", r.workerDetached);
+  return o;
+}
+
+NativeBacking::CloseResult NativeBacking::CloseNative(int workerWaitMs) {
+  CloseResult r;
+  if (closed_) return r;
+  closed_ = true;
+  if (poll_ != nullptr) {
+    uv_poll_stop(poll_);
+    poll_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnPollClosed);
+    poll_ = nullptr;
+  }
+  if (ringInit_) {
+    // Closing the ring fd does not wait for requests still on a hung device;
+    // the kernel's ring-exit work reaps them later.
+    io_uring_queue_exit(&ring_);
+    ringInit_ = false;
+  }
+  if (shared_) {
+    std::unique_lock<std::mutex> lock(shared_->mu);
+    r.workerAbandoned = static_cast<uint32_t>(shared_->jobs.size());
+    shared_->jobs.clear();
+    shared_->stop = true;
+    shared_->jobsCv.notify_all();
+    if (workerStarted_) {
+      shared_->exitCv.wait_for(lock, std::chrono::milliseconds(workerWaitMs), [&] { return shared_->exited; });
+      bool exited = shared_->exited;
+      shared_->deviceGone = true;  // from now on the worker never touches our eventfd
+      lock.unlock();
+      if (exited) {
+        pthread_join(worker_, nullptr);
+      } else {
+        // Stuck in an ioctl on a hung device: it owns a reference to the shared
+        // state (and the fd) and frees both when the ioctl finally returns.
+        pthread_detach(worker_);
+        r.workerDetached = true;
+        r.workerAbandoned += 1;
+      }
+      workerStarted_ = false;
+    } else {
+      shared_->deviceGone = true;
+    }
+  }
+  shared_.reset();
+  eventFd_.reset();
+  if (r.workerAbandoned > 0 && inflight_ >= r.workerAbandoned) inflight_ -= r.workerAbandoned;
+  immediate_.clear();
+  if (cleanupHookAdded_) {
+    napi_remove_env_cleanup_hook(Env(), EnvCleanup, this);
+    cleanupHookAdded_ = false;
+  }
+  onComplete_.Reset();
+  completionsRef_.Reset();
+  asyncContext_.reset();
+  open_ = false;
+  if (selfRefed_) {
+    selfRefed_ = false;
+    Unref();
+  }
+  return r;
+}
+
+}  // namespace dmr
