@@ -1,0 +1,151 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { RemapTable } from '../../src/remap/remap-table.js';
+
+type Op =
+  | { op: 'set'; key: number; value: number }
+  | { op: 'delete'; key: number }
+  | { op: 'get'; key: number }
+  | { op: 'next'; from: number; span: number };
+
+// Mostly small keys, so sets and deletes collide; a few near 2^53 for exactness.
+const key = fc.oneof(
+  { weight: 8, arbitrary: fc.nat(300) },
+  { weight: 1, arbitrary: fc.integer({ min: Number.MAX_SAFE_INTEGER - 20, max: Number.MAX_SAFE_INTEGER }) },
+);
+const value = fc.oneof(fc.nat(1000), fc.constant(Number.MAX_SAFE_INTEGER));
+const op: fc.Arbitrary<Op> = fc.oneof(
+  { weight: 5, arbitrary: fc.record({ op: fc.constant('set' as const), key, value }) },
+  { weight: 3, arbitrary: fc.record({ op: fc.constant('delete' as const), key }) },
+  { weight: 1, arbitrary: fc.record({ op: fc.constant('get' as const), key }) },
+  { weight: 1, arbitrary: fc.record({ op: fc.constant('next' as const), from: key, span: fc.nat(50) }) },
+);
+
+function modelNext(model: Map<number, number>, from: number, to: number): number {
+  let best = -1;
+  for (const k of model.keys()) if (k >= from && k < to && (best === -1 || k < best)) best = k;
+  return best;
+}
+
+function sortedModel(model: Map<number, number>): [number, number][] {
+  return [...model.entries()].sort((a, b) => a[0] - b[0]);
+}
+
+describe('RemapTable against a Map model', () => {
+  for (const chunkCapacity of [4, 8, 512]) {
+    it(`random operation sequences (chunkCapacity ${chunkCapacity})`, () => {
+      fc.assert(
+        fc.property(fc.array(op, { maxLength: 400 }), (ops) => {
+          const table = new RemapTable({ chunkCapacity });
+          const model = new Map<number, number>();
+          for (const o of ops) {
+            switch (o.op) {
+              case 'set':
+                expect(table.set(o.key, o.value)).toBe(model.get(o.key) ?? -1);
+                model.set(o.key, o.value);
+                break;
+              case 'delete':
+                expect(table.delete(o.key)).toBe(model.delete(o.key));
+                break;
+              case 'get':
+                expect(table.get(o.key)).toBe(model.get(o.key) ?? -1);
+                expect(table.has(o.key)).toBe(model.has(o.key));
+                break;
+              case 'next':
+                expect(table.nextInRange(o.from, o.from + o.span)).toBe(modelNext(model, o.from, o.from + o.span));
+                break;
+            }
+            expect(table.size).toBe(model.size);
+          }
+          table.checkInvariants();
+          const want = sortedModel(model);
+          expect([...table.entries()]).toEqual(want);
+          const seen: [number, number][] = [];
+          table.forEach((l, s) => seen.push([l, s]));
+          expect(seen).toEqual(want);
+          for (const [k, v] of want) expect(table.get(k)).toBe(v);
+        }),
+        { numRuns: chunkCapacity === 512 ? 100 : 300 },
+      );
+    });
+  }
+
+  it('keeps its invariants through bulk inserts and deletes in random order', () => {
+    fc.assert(
+      fc.property(fc.uniqueArray(fc.nat(5000), { minLength: 1, maxLength: 1500 }), fc.boolean(), (keys, ascending) => {
+        const table = new RemapTable({ chunkCapacity: 16 });
+        const insertOrder = ascending ? [...keys].sort((a, b) => a - b) : keys;
+        for (const k of insertOrder) table.set(k, k * 2);
+        table.checkInvariants();
+        expect(table.size).toBe(keys.length);
+        // Delete every other key in insertion order, then the rest in reverse.
+        const half = keys.filter((_, i) => i % 2 === 0);
+        for (const k of half) expect(table.delete(k)).toBe(true);
+        table.checkInvariants();
+        const rest = keys.filter((_, i) => i % 2 === 1).reverse();
+        for (const k of rest) {
+          expect(table.get(k)).toBe(k * 2);
+          expect(table.delete(k)).toBe(true);
+        }
+        table.checkInvariants();
+        expect(table.size).toBe(0);
+        expect(table.get(keys[0])).toBe(-1);
+      }),
+      { numRuns: 60 },
+    );
+  });
+
+  it('forEachInRange visits exactly the mappings in [from, to) in order', () => {
+    fc.assert(
+      fc.property(
+        fc.uniqueArray(fc.nat(2000), { maxLength: 300 }),
+        fc.nat(2100),
+        fc.nat(400),
+        (keys, from, span) => {
+          const table = RemapTable.fromEntries(keys.map((k) => [k, k + 7] as const), { chunkCapacity: 8 });
+          const got: [number, number][] = [];
+          table.forEachInRange(from, from + span, (l, s) => got.push([l, s]));
+          const want = keys.filter((k) => k >= from && k < from + span).sort((a, b) => a - b).map((k) => [k, k + 7]);
+          expect(got).toEqual(want);
+        },
+      ),
+    );
+  });
+
+  it('answers -1 on an empty table and for empty or inverted ranges', () => {
+    const table = new RemapTable();
+    expect(table.get(0)).toBe(-1);
+    expect(table.nextInRange(0, 100)).toBe(-1);
+    table.set(5, 1);
+    expect(table.nextInRange(5, 5)).toBe(-1);
+    expect(table.nextInRange(6, 2)).toBe(-1);
+    expect(table.nextInRange(5, 6)).toBe(5);
+    expect(table.get(Number.NaN)).toBe(-1);
+  });
+
+  it('rejects keys and values that are not non-negative safe integers', () => {
+    const table = new RemapTable();
+    for (const bad of [-1, 1.5, Number.NaN, Infinity, 2 ** 53]) {
+      expect(() => table.set(bad, 0)).toThrow(RangeError);
+      expect(() => table.set(0, bad)).toThrow(RangeError);
+    }
+    expect(table.size).toBe(0);
+  });
+
+  it('refuses to iterate over a table that changes', () => {
+    const table = RemapTable.fromEntries([[1, 1], [2, 2], [3, 3]]);
+    expect(() => {
+      for (const [l] of table.entries()) table.delete(l);
+    }).toThrow(/modified during iteration/);
+    expect(() => table.forEach((l) => table.set(l + 100, 0))).toThrow(/modified during iteration/);
+  });
+
+  it('clear() empties it', () => {
+    const table = RemapTable.fromEntries([[1, 1], [2, 2]]);
+    table.clear();
+    expect(table.size).toBe(0);
+    expect(table.get(1)).toBe(-1);
+    table.set(3, 4);
+    expect([...table]).toEqual([[3, 4]]);
+  });
+});
