@@ -152,18 +152,22 @@ int NativeBacking::OpenImpl(const std::string& path, bool direct, bool readOnly,
     sizeBytes_ = size;
     logicalBlockSize_ = lbs > 0 ? static_cast<uint32_t>(lbs) : 512;
     physicalBlockSize_ = pbs > 0 ? pbs : logicalBlockSize_;
+    memAlign_ = logicalBlockSize_;
   } else {
     sizeBytes_ = static_cast<uint64_t>(st.st_size);
     logicalBlockSize_ = 512;
+    memAlign_ = 512;
     physicalBlockSize_ = st.st_blksize > 0 ? static_cast<uint32_t>(st.st_blksize) : 4096;
-#ifdef STATX_DIOALIGN
-    struct statx stx;
-    if (statx(fd.get(), "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) &&
-        stx.stx_dio_offset_align > 0) {
-      logicalBlockSize_ = stx.stx_dio_offset_align;
-    }
-#endif
   }
+#ifdef STATX_DIOALIGN
+  // Files (6.1+) and block devices (6.11+) report their O_DIRECT alignment.
+  struct statx stx;
+  if (statx(fd.get(), "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) &&
+      stx.stx_dio_offset_align > 0) {
+    if (!isBlockDevice_) logicalBlockSize_ = stx.stx_dio_offset_align;
+    if (stx.stx_dio_mem_align > 0) memAlign_ = stx.stx_dio_mem_align;
+  }
+#endif
 
   shared_ = std::make_shared<WorkerShared>();
   shared_->fd = std::move(fd);
@@ -261,6 +265,7 @@ Napi::Value NativeBacking::Info(const Napi::CallbackInfo& info) {
   o.Set("ino", static_cast<double>(ino_));
   o.Set("rdev", static_cast<double>(rdev_));
   o.Set("ringSetup", ringSetup_);
+  o.Set("dioMemAlign", memAlign_);
   return o;
 }
 
@@ -388,12 +393,19 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
           PushImmediate(id, -EINVAL);
           break;
         }
+        uint8_t* ptr = base == nullptr ? nullptr : base + t.ByteOffset();
+        // ext4 (6.1+) silently serves misaligned O_DIRECT through the page
+        // cache; refuse it here so direct mode never hides write errors.
+        if (direct_ && ((offset | length) % logicalBlockSize_ != 0 ||
+                        reinterpret_cast<uintptr_t>(ptr) % memAlign_ != 0)) {
+          PushImmediate(id, -EINVAL);
+          break;
+        }
         io_uring_sqe* sqe = GetSqe();
         if (sqe == nullptr) {
           PushImmediate(id, -EBUSY);
           break;
         }
-        uint8_t* ptr = base == nullptr ? nullptr : base + t.ByteOffset();
         if (op == kOpRead) {
           io_uring_prep_read(sqe, fd, ptr, static_cast<unsigned>(length), offset);
         } else {

@@ -126,6 +126,7 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   uint64_t sizeBytes_ = 0;
   uint32_t logicalBlockSize_ = 512;
   uint32_t physicalBlockSize_ = 512;
+  uint32_t memAlign_ = 512;  // O_DIRECT buffer address alignment we enforce
   bool isBlockDevice_ = false;
   bool direct_ = true;
   bool readOnly_ = false;
