@@ -1,0 +1,142 @@
+import { execFileSync } from 'node:child_process';
+import { constants as os } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BackingDevice, BackingOp, TEST_HANG_OP, allocAligned } from '../../src/native/backing.js';
+import { activeResources, fdCount, makePatternFile, makeTempDir, sleep, threadCount } from './fixtures.js';
+
+const E = os.errno;
+const MiB = 1024 * 1024;
+let tmp: ReturnType<typeof makeTempDir>;
+
+beforeAll(() => {
+  tmp = makeTempDir();
+});
+afterAll(() => tmp.cleanup());
+
+describe('BackingDevice lifecycle', () => {
+  it('ops after close get -EBADF asynchronously, close is idempotent', async () => {
+    const p = join(tmp.dir, 'closed.img');
+    makePatternFile(p, MiB);
+    const d = BackingDevice.open(p);
+    expect(await d.close()).toEqual({ cancelled: 0, abandoned: 0 });
+    expect(d.closed).toBe(true);
+    let sync = true;
+    let got: number | undefined;
+    d.submit(BackingOp.READ, allocAligned(4096), 0, 4096, 0, (r) => {
+      got = r;
+      expect(sync).toBe(false);
+    });
+    sync = false;
+    expect(await d.read(allocAligned(4096), 0)).toBe(-E.EBADF);
+    expect(got).toBe(-E.EBADF);
+    expect(await d.write(allocAligned(4096), 0)).toBe(-E.EBADF);
+    expect(await d.fdatasync()).toBe(-E.EBADF);
+    expect(await d.discard(0, 4096)).toBe(-E.EBADF);
+    expect(await d.close()).toEqual({ cancelled: 0, abandoned: 0 });
+  });
+
+  it('close with many ops in flight resolves and answers every op', async () => {
+    const p = join(tmp.dir, 'inflight.img');
+    makePatternFile(p, 16 * MiB);
+    const d = BackingDevice.open(p, { queueDepth: 32 });
+    const ps = Array.from({ length: 300 }, (_, i) => d.read(allocAligned(4096), (i * 13 % 4096) * 4096));
+    await Promise.resolve(); // let the first batch reach the kernel
+    expect(d.stats().submitCalls).toBe(1);
+    const t0 = Date.now();
+    const r = await d.close(2000);
+    expect(Date.now() - t0).toBeLessThan(1000); // nothing hangs: drained, not timed out
+    const res = await Promise.all(ps);
+    for (const x of res) expect(x === 4096 || x === -E.ECANCELED).toBe(true);
+    const cancelledSeen = res.filter((x) => x === -E.ECANCELED).length;
+    expect(r.cancelled + r.abandoned).toBe(cancelledSeen);
+    expect(d.inFlight).toBe(0);
+  });
+
+  it('cancels a read that would block forever (FIFO) with ASYNC_CANCEL', async () => {
+    const p = join(tmp.dir, 'fifo');
+    execFileSync('mkfifo', [p]);
+    const d = BackingDevice.open(p, { direct: false });
+    const pending = d.read(Buffer.alloc(64), 0);
+    await sleep(20);
+    expect(d.inFlight).toBe(1);
+    const t0 = Date.now();
+    const r = await d.close(1000);
+    expect(Date.now() - t0).toBeLessThan(900); // cancelled, not timed out
+    expect(await pending).toBe(-E.ECANCELED);
+    expect(r).toEqual({ cancelled: 1, abandoned: 0 });
+  });
+
+  it('a hung ioctl worker does not hold close() beyond its deadline and cleans up later', async () => {
+    const p = join(tmp.dir, 'hang.img');
+    makePatternFile(p, MiB);
+    const fds0 = fdCount();
+    const threads0 = threadCount();
+    const d = BackingDevice.open(p);
+    d.enableTestHooks();
+    const hung = d.io(TEST_HANG_OP as 0, null, 0, 1500); // worker "stuck" 1.5 s
+    const queuedBehind = d.io(TEST_HANG_OP as 0, null, 0, 0);
+    const ok = d.read(allocAligned(4096), 0);
+    expect(await ok).toBe(4096);
+    await sleep(20);
+    expect(threadCount()).toBe(threads0 + 1);
+    const t0 = Date.now();
+    const r = await d.close(200);
+    const took = Date.now() - t0;
+    expect(took).toBeGreaterThanOrEqual(190);
+    expect(took).toBeLessThan(600);
+    expect(r).toEqual({ cancelled: 0, abandoned: 2 });
+    expect(await hung).toBe(-E.ECANCELED);
+    expect(await queuedBehind).toBe(-E.ECANCELED);
+    // Until the ioctl returns, the detached worker still holds the fd.
+    expect(fdCount()).toBe(fds0 + 1);
+    await sleep(1600);
+    expect(fdCount()).toBe(fds0);
+    expect(threadCount()).toBe(threads0);
+  });
+
+  it('leaks no fd, thread or active resource over 50 open/close cycles', async () => {
+    const p = join(tmp.dir, 'cycles.img');
+    makePatternFile(p, 4 * MiB);
+    // Warm up module loading and lazily created resources.
+    await BackingDevice.open(p).close();
+    const fds0 = fdCount();
+    const threads0 = threadCount();
+    const res0 = activeResources();
+    for (let i = 0; i < 50; i++) {
+      const d = BackingDevice.open(p, { queueDepth: 16 });
+      d.enableTestHooks();
+      const io = [
+        d.read(allocAligned(4096), (i % 64) * 4096),
+        d.write(allocAligned(4096), (i % 64) * 4096, i % 2 === 0),
+        d.io(TEST_HANG_OP as 0, null, 0, 0), // starts (and must join) the worker thread
+        d.fdatasync(),
+      ];
+      if (i % 3 === 0) {
+        // Close with the ops still in flight.
+        await d.close(1000);
+        await Promise.all(io);
+      } else {
+        expect(await Promise.all(io)).toEqual([4096, 4096, 0, 0]);
+        await d.close(1000);
+      }
+    }
+    await sleep(10);
+    expect(fdCount()).toBe(fds0);
+    expect(threadCount()).toBe(threads0);
+    expect(activeResources()).toEqual(res0);
+  });
+
+  it('an open device with nothing in flight does not keep the process alive', () => {
+    const p = join(tmp.dir, 'idle.img');
+    makePatternFile(p, MiB);
+    const addon = join(__dirname, '..', '..', 'build', 'Release', 'dm_remapd.node');
+    const js = `
+      const b = require(${JSON.stringify(addon)});
+      const h = new b.NativeBacking(() => {}, new Float64Array(128));
+      if (h.open(${JSON.stringify(p)}, true, false, false, 8) !== 0) process.exit(2);
+    `;
+    // Would hit the timeout (and throw) if the idle poll handle held the loop open.
+    execFileSync(process.execPath, ['-e', js], { timeout: 5000 });
+  });
+});
