@@ -9,6 +9,9 @@ import { SortedChunks, checkBlockNumber, lowerBound, upperBound, type SortedChun
  * and forEach() throw if the table changes under them.
  */
 export class RemapTable extends SortedChunks {
+  /** Chunk of the last get(); only a guess, checked against `mins` before use. */
+  private hintChunk = 0;
+
   constructor(options: SortedChunksOptions = {}) {
     super('RemapTable', true, options);
   }
@@ -27,8 +30,15 @@ export class RemapTable extends SortedChunks {
   get(logical: number): number {
     const n = this.nChunks;
     if (n === 0) return -1;
-    const c = upperBound(this.mins, n, logical) - 1;
-    if (c < 0) return -1;
+    // Requests cluster (sequential I/O, a filesystem's hot blocks): try the
+    // chunk of the previous lookup before searching the top level.
+    const mins = this.mins;
+    let c = this.hintChunk;
+    if (!(c < n && mins[c] <= logical && (c + 1 === n || logical < mins[c + 1]))) {
+      c = upperBound(mins, n, logical) - 1;
+      if (c < 0) return -1;
+      this.hintChunk = c;
+    }
     const keys = this.keys[c];
     const len = this.lens[c];
     const i = lowerBound(keys, len, logical);
