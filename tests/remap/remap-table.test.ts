@@ -95,6 +95,63 @@ describe('RemapTable against a Map model', () => {
     );
   });
 
+  it('stays equal to the model while a built table is torn down in any order', () => {
+    // Ascending builds leave full chunks, so deletes exercise both merging and
+    // refilling a small chunk from a full neighbour, on either side.
+    fc.assert(
+      fc.property(
+        fc.uniqueArray(fc.nat(3000), { minLength: 1, maxLength: 600 }).chain((keys) =>
+          fc.tuple(
+            fc.constant(keys),
+            fc.oneof(
+              fc.shuffledSubarray(keys),
+              // A contiguous range, deleted upwards or downwards: this empties
+              // chunks next to full ones.
+              fc.tuple(fc.nat(keys.length), fc.nat(keys.length), fc.boolean()).map(([a, b, up]) => {
+                const range = [...keys].sort((x, y) => x - y).slice(Math.min(a, b), Math.max(a, b));
+                return up ? range : range.reverse();
+              }),
+            ),
+            fc.boolean(),
+            fc.constantFrom(4, 8, 16),
+          ),
+        ),
+        ([keys, doomed, ascending, chunkCapacity]) => {
+          const table = new RemapTable({ chunkCapacity });
+          for (const k of ascending ? [...keys].sort((a, b) => a - b) : keys) table.set(k, k + 1);
+          const model = new Map(keys.map((k) => [k, k + 1]));
+          for (const [n, k] of doomed.entries()) {
+            expect(table.delete(k)).toBe(true);
+            model.delete(k);
+            if (n % 50 === 0) {
+              table.checkInvariants();
+              expect([...table.entries()]).toEqual(sortedModel(model));
+            }
+          }
+          table.checkInvariants();
+          expect([...table.entries()]).toEqual(sortedModel(model));
+        },
+      ),
+      { numRuns: 150 },
+    );
+  });
+
+  it('refills a small first chunk from its full neighbour', () => {
+    const table = new RemapTable({ chunkCapacity: 8 });
+    for (let k = 0; k < 24; k++) table.set(k, 100 + k); // chunks [0..7] [8..15] [16..23]
+    for (let k = 0; k < 7; k++) table.delete(k); // [7] next to a full [8..15]
+    table.checkInvariants();
+    expect([...table.entries()]).toEqual(Array.from({ length: 17 }, (_, i) => [i + 7, 107 + i]));
+  });
+
+  it('refills a small last chunk from its full neighbour', () => {
+    const table = new RemapTable({ chunkCapacity: 8 });
+    for (let k = 0; k < 18; k++) table.set(k, 100 + k); // chunks [0..7] [8..15] [16 17]
+    table.delete(17); // the last chunk drops to 1 entry; 8 + 1 is too many to merge
+    table.checkInvariants();
+    expect([...table.entries()]).toEqual(Array.from({ length: 17 }, (_, k) => [k, 100 + k]));
+  });
+
   it('forEachInRange visits exactly the mappings in [from, to) in order', () => {
     fc.assert(
       fc.property(
