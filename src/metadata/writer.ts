@@ -316,11 +316,27 @@ export class MetadataWriter {
     return this.slotSeq[i] <= this.ckptSeq && this.slotBusy[i] === 0;
   }
 
+  /**
+   * First run of `n` free slots at or after the head (wrapping; a commit
+   * never wraps inside itself). Slots still held by an outstanding write
+   * are skipped, so one hung write never blocks the ring.
+   */
   private alloc(n: number): number {
-    let at = this.head;
-    if (at + n > this.J) at = 0;
-    for (let i = at; i < at + n; i++) if (!this.free(i)) return -1;
-    return at;
+    const J = this.J;
+    let scanned = 0;
+    let at = this.head + n > J ? 0 : this.head;
+    while (scanned < J + n) {
+      let run = 0;
+      while (run < n && this.free(at + run)) run++;
+      if (run === n) return at;
+      scanned += run + 1;
+      at += run + 1;
+      if (at + n > J) {
+        scanned += J - at;
+        at = 0;
+      }
+    }
+    return -1;
   }
 
   /** Runs `p` but gives up when close() expires. */
