@@ -1,0 +1,60 @@
+import { afterAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { loadSpare } from '../../src/metadata/store.js';
+import { MetadataWriter } from '../../src/metadata/writer.js';
+import { emptyState, reduce, stateToRecords } from '../../src/metadata/reduce.js';
+import { freshSpare, remap, tempDir } from './helpers.js';
+
+const td = tempDir('perf');
+afterAll(() => td.cleanup());
+
+describe('throughput on a file (FileMetaIO, fdatasync)', () => {
+  it('group commit reaches >= 10k remaps/s; single-commit latency reported', async () => {
+    const p = join(td.dir, 'perf.img');
+    // 256 MiB spare file, default 8 MiB journal per copy
+    const { io, loaded } = await freshSpare(p, { fileBytes: 256 << 20, journalBytes: 8 << 20 });
+    const state = emptyState();
+    const w = new MetadataWriter(io, loaded, { snapshot: () => stateToRecords(state) });
+
+    // sequential: one remap per commit, latency of one commit (2 x 4 KiB write + fdatasync)
+    const seqN = 200;
+    let t0 = performance.now();
+    for (let i = 0; i < seqN; i++) {
+      const r = [remap(i, i, i)];
+      await w.commit(r);
+      reduce(r, state);
+    }
+    const seqMs = performance.now() - t0;
+    const p50 = w.stats().p50CommitMs;
+    const p99 = w.stats().p99CommitMs;
+
+    // concurrent: 1000 callers at a time, 30 000 remaps
+    const total = 30_000;
+    const conc = 1000;
+    const commitsBefore = w.stats().commits;
+    t0 = performance.now();
+    for (let base = seqN; base < seqN + total; base += conc) {
+      await Promise.all(
+        Array.from({ length: conc }, (_, i) => {
+          const r = [remap(base + i, base + i, i)];
+          return w.commit(r).then(() => reduce(r, state));
+        }),
+      );
+    }
+    const ms = performance.now() - t0;
+    const rate = (total / ms) * 1000;
+    const s = w.stats();
+    await w.close();
+    const t1 = performance.now();
+    const l = await loadSpare(io);
+    const loadMs = performance.now() - t1;
+    expect(reduce(l.records).remaps.size).toBe(seqN + total);
+    await io.close();
+    console.log(
+      `[metadata perf] sequential: ${seqN} commits in ${seqMs.toFixed(0)} ms (${((seqN / seqMs) * 1000).toFixed(0)} commits/s, p50 ${p50.toFixed(2)} ms, p99 ${p99.toFixed(2)} ms); ` +
+        `group commit: ${total} remaps in ${ms.toFixed(0)} ms = ${rate.toFixed(0)} remaps/s over ${s.commits - commitsBefore} disk commits, ` +
+        `${s.checkpoints} background checkpoints; load of ${l.records.length} records (checkpoint ${l.checkpoint.records} + journal) in ${loadMs.toFixed(0)} ms`,
+    );
+    expect(rate).toBeGreaterThanOrEqual(10_000);
+  });
+});
