@@ -1,7 +1,16 @@
 import { constants as osConstants } from 'node:os';
 
-/** Positive errno values by name, from the running platform (Linux). */
-export const ERRNO = osConstants.errno;
+/**
+ * Positive errno values by name: the platform's table plus the Linux values
+ * Node leaves out (asm-generic/errno.h).
+ */
+export const ERRNO = {
+  ...osConstants.errno,
+  ESHUTDOWN: 108,
+  EUCLEAN: 117,
+  EMEDIUMTYPE: 124,
+  EREMOTEIO: 121,
+} as const;
 
 const NAME_BY_ERRNO = new Map<number, string>(
   Object.entries(ERRNO).map(([name, n]) => [n as number, name]),
@@ -59,7 +68,7 @@ export function errnoOf(err: unknown): number {
   if (typeof err === 'object' && err !== null) {
     const e = err as { errno?: unknown; code?: unknown };
     if (typeof e.errno === 'number') return Math.abs(e.errno);
-    if (typeof e.code === 'string' && e.code in ERRNO) return ERRNO[e.code as keyof typeof ERRNO] as number;
+    if (typeof e.code === 'string' && e.code in ERRNO) return ERRNO[e.code as keyof typeof ERRNO];
   }
   return ERRNO.EIO;
 }

@@ -1,0 +1,888 @@
+import type { Logger } from 'pino';
+import { ERRNO, RemapError, errnoName } from '../errors.js';
+import { BackingOp, IO_FUA, allocAligned, type BackingDevice } from '../native/backing.js';
+import { RemapTable } from '../remap/remap-table.js';
+import { BlockSet } from '../remap/block-set.js';
+import { SpareAllocator } from '../remap/spare-allocator.js';
+import { planRange, type Extent } from '../remap/planner.js';
+import { RecordType, type MetaRecord } from '../metadata/records.js';
+import type { MetadataWriter } from '../metadata/writer.js';
+import { crc32c } from '../metadata/crc32c.js';
+import { classifyErrno } from './classify.js';
+import { RemapBreaker } from './breaker.js';
+import { Deadline, within } from './deadline.js';
+
+export type EngineOp = 'read' | 'write' | 'flush' | 'discard' | 'writeZeroes';
+
+export interface EngineRequest {
+  op: EngineOp;
+  /** Bytes; a multiple of the block size (ignored for flush). */
+  offset: number;
+  /** Bytes; a multiple of the block size (ignored for flush). */
+  length: number;
+  /**
+   * Data for write, destination for read. Must come from allocAligned() (or a
+   * block-aligned subarray of such a buffer): backing I/O is O_DIRECT.
+   */
+  buffer?: Uint8Array;
+  /** Force unit access: the write is durable when it is answered. */
+  fua?: boolean;
+}
+
+/** Lifecycle state, as status shows it. */
+export type EngineState = 'running' | 'failed' | 'stopping' | 'closed';
+
+export interface EngineStats {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  writeZeroes: number;
+  bytesRead: number;
+  bytesWritten: number;
+  readErrors: number;
+  writeErrors: number;
+  autoRemaps: number;
+  manualRemaps: number;
+  commitFailures: number;
+}
+
+export interface EngineStatus {
+  name: string;
+  state: EngineState;
+  failReason: string | null;
+  sizeBytes: number;
+  blockSize: number;
+  openMode: 'direct' | 'buffered';
+  remappedBlocks: number;
+  pendingBlocks: number;
+  badSpareBlocks: number;
+  quarantinedSpareBlocks: number;
+  spareBlocksTotal: number;
+  spareBlocksUsed: number;
+  spareExhausted: boolean;
+  breakerTripped: boolean;
+  metadataSeq: number;
+  inFlight: number;
+  stats: EngineStats;
+}
+
+export interface CloseReport {
+  elapsedMs: number;
+  /** Client requests still running when the deadline hit (answered ESHUTDOWN by the frontend). */
+  requestsAbandoned: number;
+  /** Backing I/O cancelled or abandoned by the rings. */
+  ioCancelled: number;
+  ioAbandoned: number;
+  /** A metadata commit was still pending and got cancelled. */
+  metadataAborted: boolean;
+  /** The final fdatasync ran and succeeded. */
+  synced: boolean;
+}
+
+export type ManualRemapResult =
+  | { block: number; result: 'remapped'; spare: number }
+  | { block: number; result: 'already-remapped'; spare: number }
+  | { block: number; result: 'pending'; reason: string }
+  | { block: number; result: 'failed'; errno: number; reason: string };
+
+/** What the engine needs, already opened and loaded (see open.ts). */
+export interface EngineParts {
+  name: string;
+  main: BackingDevice;
+  /** May be the same object as main (spare in a tail region of main). */
+  spare: BackingDevice;
+  /** Exported size in bytes (main size, less the tail region if any). */
+  sizeBytes: number;
+  blockSize: number;
+  /** Byte offset of spare data block 0 on the spare device. */
+  spareDataOffset: number;
+  spareDataBlocks: number;
+  table: RemapTable;
+  pending: BlockSet;
+  badSpare: BlockSet;
+  quarantined: BlockSet;
+  writer: MetadataWriter;
+  logger: Logger;
+  metadataTimeoutMs: number;
+  readRetries?: number;
+  spareWriteRetries?: number;
+  breaker?: { maxRemaps: number; windowMs: number };
+}
+
+interface RemapItem {
+  logical: number;
+  data: Uint8Array;
+}
+
+const MEDIA_RETRY_LIMIT_DEFAULT = 2;
+
+/**
+ * BlockEngine turns block requests into backing I/O, redirects bad blocks to
+ * the spare and keeps the mapping durable. Every frontend (NBD, ublk) talks to
+ * it through submit(). The pure parts (table, allocator, planner) live in
+ * src/remap; the persistence in src/metadata; the I/O in src/native.
+ */
+export class BlockEngine {
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly blockSize: number;
+  readonly blocks: number;
+
+  private readonly main: BackingDevice;
+  private readonly spare: BackingDevice;
+  private readonly spareIsMain: boolean;
+  private readonly spareDataOffset: number;
+  private readonly table: RemapTable;
+  private readonly pending: BlockSet;
+  private readonly badSpare: BlockSet;
+  private readonly quarantined: BlockSet;
+  private readonly allocator: SpareAllocator;
+  private readonly writer: MetadataWriter;
+  private readonly log: Logger;
+  private readonly metadataTimeoutMs: number;
+  private readonly readRetries: number;
+  private readonly spareWriteRetries: number;
+  private readonly breaker: RemapBreaker;
+
+  private stateValue: EngineState = 'running';
+  private failReasonValue: string | null = null;
+  /** errno of a failed FLUSH: latched, every later flush fails too. */
+  private flushLatch = 0;
+  private spareExhausted = false;
+  private inFlightRequests = 0;
+  private drainWaiters: Array<() => void> = [];
+  /** Logical blocks with a remap in progress: a second remapper waits. */
+  private readonly remapLocks = new Map<number, Promise<void>>();
+  /** Records that must ride along with the next commit (quarantine notes). */
+  private carryRecords: MetaRecord[] = [];
+  private zeroBlock: Buffer | null = null;
+
+  readonly stats: EngineStats = {
+    reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0,
+    bytesRead: 0, bytesWritten: 0, readErrors: 0, writeErrors: 0,
+    autoRemaps: 0, manualRemaps: 0, commitFailures: 0,
+  };
+
+  constructor(p: EngineParts) {
+    this.name = p.name;
+    this.sizeBytes = p.sizeBytes;
+    this.blockSize = p.blockSize;
+    this.blocks = Math.floor(p.sizeBytes / p.blockSize);
+    this.main = p.main;
+    this.spare = p.spare;
+    this.spareIsMain = p.spare === p.main;
+    this.spareDataOffset = p.spareDataOffset;
+    this.table = p.table;
+    this.pending = p.pending;
+    this.badSpare = p.badSpare;
+    this.quarantined = p.quarantined;
+    this.allocator = SpareAllocator.derive(p.spareDataBlocks, p.table, p.badSpare, p.quarantined);
+    this.writer = p.writer;
+    this.log = p.logger.child({ device: p.name });
+    this.metadataTimeoutMs = p.metadataTimeoutMs;
+    this.readRetries = p.readRetries ?? MEDIA_RETRY_LIMIT_DEFAULT;
+    this.spareWriteRetries = p.spareWriteRetries ?? 4;
+    this.breaker = new RemapBreaker(p.breaker?.maxRemaps ?? 1024, p.breaker?.windowMs ?? 60_000);
+    this.spareExhausted = this.allocator.free === 0;
+  }
+
+  get state(): EngineState {
+    return this.stateValue;
+  }
+
+  get openMode(): 'direct' | 'buffered' {
+    return this.main.info.openMode === 'direct' && this.spare.info.openMode === 'direct' ? 'direct' : 'buffered';
+  }
+
+  /** What the device can do, for frontends deriving their flags from it. */
+  capabilities(): { flush: true; fua: true; discard: true; writeZeroes: true; readOnly: boolean } {
+    return { flush: true, fua: true, discard: true, writeZeroes: true, readOnly: this.main.info.readOnly };
+  }
+
+  /** Records describing the whole current state: the checkpoint snapshot. */
+  *snapshotRecords(): Iterable<MetaRecord> {
+    for (const [logical, spare] of this.table.entries()) yield { type: RecordType.REMAP, logical, spare, dataCrc: 0 };
+    for (const l of this.pending.values()) yield { type: RecordType.PENDING_ADD, logical: l, spare: 0, dataCrc: 0 };
+    for (const s of this.badSpare.values()) yield { type: RecordType.SPARE_BAD, logical: 0, spare: s, dataCrc: 0 };
+    for (const s of this.quarantined.values()) yield { type: RecordType.QUARANTINE, logical: 0, spare: s, dataCrc: 0 };
+  }
+
+  /** Spare index of a logical block, or -1. */
+  lookup(logical: number): number {
+    return this.table.get(logical);
+  }
+
+  isPending(logical: number): boolean {
+    return this.pending.has(logical);
+  }
+
+  status(): EngineStatus {
+    return {
+      name: this.name,
+      state: this.stateValue,
+      failReason: this.failReasonValue,
+      sizeBytes: this.sizeBytes,
+      blockSize: this.blockSize,
+      openMode: this.openMode,
+      remappedBlocks: this.table.size,
+      pendingBlocks: this.pending.size,
+      badSpareBlocks: this.badSpare.size,
+      quarantinedSpareBlocks: this.quarantined.size,
+      spareBlocksTotal: this.allocator.total,
+      spareBlocksUsed: this.allocator.used,
+      spareExhausted: this.spareExhausted,
+      breakerTripped: this.breaker.tripped,
+      metadataSeq: this.writer.seq,
+      inFlight: this.inFlightRequests,
+      stats: { ...this.stats },
+    };
+  }
+
+  // ---------------------------------------------------------------- submit
+
+  /**
+   * Run one block request. Resolves when it is done (for writes: durable as
+   * far as the request asked); rejects with a RemapError whose errno is what
+   * the client gets on the wire.
+   */
+  async submit(req: EngineRequest): Promise<void> {
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: req.op });
+    }
+    if (req.op !== 'flush') this.validateRange(req);
+    this.inFlightRequests++;
+    try {
+      switch (req.op) {
+        case 'read':
+          return await this.doRead(req.offset, req.length, this.requireBuffer(req));
+        case 'write':
+          return await this.doWrite(req.offset, req.length, this.requireBuffer(req), req.fua === true);
+        case 'flush':
+          return await this.doFlush();
+        case 'discard':
+          return await this.doDiscard(req.offset, req.length);
+        case 'writeZeroes':
+          return await this.doWriteZeroes(req.offset, req.length, req.fua === true);
+        default: {
+          const op: never = req.op;
+          throw new RemapError(ERRNO.EINVAL, `unknown operation ${String(op)}`, { device: this.name });
+        }
+      }
+    } finally {
+      if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) {
+        const waiters = this.drainWaiters;
+        this.drainWaiters = [];
+        for (const w of waiters) w();
+      }
+    }
+  }
+
+  private validateRange(req: EngineRequest): void {
+    const { offset, length } = req;
+    const bs = this.blockSize;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0) {
+      throw new RemapError(ERRNO.EINVAL, `invalid range offset=${offset} length=${length}`, { device: this.name, op: req.op });
+    }
+    if (offset % bs !== 0 || length % bs !== 0) {
+      throw new RemapError(ERRNO.EINVAL, `range offset=${offset} length=${length} is not aligned to the ${bs}-byte block`, {
+        device: this.name, op: req.op,
+      });
+    }
+    if (offset + length > this.sizeBytes) {
+      const errno = req.op === 'write' || req.op === 'writeZeroes' ? ERRNO.ENOSPC : ERRNO.EINVAL;
+      throw new RemapError(errno, `range offset=${offset} length=${length} ends past the device size ${this.sizeBytes}`, {
+        device: this.name, op: req.op,
+      });
+    }
+  }
+
+  private requireBuffer(req: EngineRequest): Uint8Array {
+    const b = req.buffer;
+    if (b === undefined || b.byteLength < req.length) {
+      throw new RemapError(ERRNO.EINVAL, `${req.op} needs a buffer of ${req.length} bytes`, { device: this.name, op: req.op });
+    }
+    return b;
+  }
+
+  private requireWritable(op: string): void {
+    if (this.main.info.readOnly) throw new RemapError(ERRNO.EROFS, 'device is read-only', { device: this.name, op });
+    if (this.stateValue === 'failed') {
+      throw new RemapError(ERRNO.EIO, `device has failed (${this.failReasonValue ?? 'unknown'}); writes are refused`, {
+        device: this.name, op,
+      });
+    }
+  }
+
+  private spareOffset(spare: number): number {
+    return this.spareDataOffset + spare * this.blockSize;
+  }
+
+  /** Move the device to the failed state (once), loudly. */
+  private fail(reason: string): void {
+    if (this.stateValue === 'failed' || this.stateValue === 'closed') return;
+    if (this.stateValue === 'running') this.stateValue = 'failed';
+    this.failReasonValue = reason;
+    this.log.error({ event: 'device-failed', reason }, `device ${this.name} failed: ${reason}`);
+  }
+
+  /**
+   * A backing error that must not remap: fail the request and, for a vanished
+   * device or a full host filesystem, the device.
+   */
+  private nonMediaError(res: number, op: string, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): RemapError {
+    const cls = classifyErrno(res);
+    const dev = ctx.target === 'main' ? this.main.info.path : this.spare.info.path;
+    if (cls === 'gone') this.fail(`${ctx.target} ${dev} is unreachable (${errnoName(res)}) during ${op}`);
+    else if (cls === 'nospace') this.fail(`host filesystem under ${ctx.target} ${dev} is full (${errnoName(res)})`);
+    return new RemapError(-res, `${op} on ${ctx.target} ${dev} failed`, { device: this.name, op, block: ctx.block, offset: ctx.offset });
+  }
+
+  // ------------------------------------------------------------------ read
+
+  private async doRead(offset: number, length: number, buf: Uint8Array): Promise<void> {
+    this.stats.reads++;
+    const bs = this.blockSize;
+    if (this.table.size === 0) {
+      // Hot path: nothing remapped, one backing read.
+      const res = await this.main.io(BackingOp.READ, buf.subarray(0, length), offset, length);
+      if (res !== length) await this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main');
+      this.stats.bytesRead += length;
+      return;
+    }
+    const extents = planRange(this.table, offset, length, bs);
+    if (extents.length === 1) await this.readExtent(extents[0], buf);
+    else await Promise.all(extents.map((e) => this.readExtent(e, buf)));
+    this.stats.bytesRead += length;
+  }
+
+  private async readExtent(e: Extent, buf: Uint8Array): Promise<void> {
+    const bs = this.blockSize;
+    const len = e.blocks * bs;
+    const dst = buf.subarray(e.bufOffset, e.bufOffset + len);
+    const res = e.target === 'main'
+      ? await this.main.io(BackingOp.READ, dst, e.logical * bs, len)
+      : await this.spare.io(BackingOp.READ, dst, this.spareOffset(e.spare), len);
+    if (res !== len) await this.recoverRead(e.logical, e.blocks, buf, e.bufOffset, res, e.target);
+  }
+
+  /**
+   * A read failed: retry block by block (re-looking up each block, as a remap
+   * may have landed meanwhile). Blocks that stay unreadable become pending
+   * (and a failing spare block is marked bad); the client gets EIO, because
+   * data that is gone must not be invented.
+   */
+  private async recoverRead(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, target: 'main' | 'spare'): Promise<void> {
+    const bs = this.blockSize;
+    if (res >= 0) res = -ERRNO.EIO; // short read inside the device: treat as a media error
+    if (classifyErrno(res) !== 'media') {
+      this.stats.readErrors++;
+      throw this.nonMediaError(res, 'read', { target, offset: first * bs });
+    }
+    const lost: number[] = [];
+    const records: MetaRecord[] = [];
+    for (let i = 0; i < count; i++) {
+      const logical = first + i;
+      const dst = buf.subarray(bufOffset + i * bs, bufOffset + (i + 1) * bs);
+      let last = res;
+      let ok = false;
+      let spare = -1;
+      for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
+        spare = this.table.get(logical);
+        last = spare >= 0
+          ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
+          : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
+        ok = last === bs;
+        if (!ok && last < 0 && classifyErrno(last) !== 'media') {
+          this.stats.readErrors++;
+          throw this.nonMediaError(last, 'read', { target: spare >= 0 ? 'spare' : 'main', block: logical, offset: logical * bs });
+        }
+      }
+      if (ok) continue;
+      lost.push(logical);
+      if (spare >= 0 && !this.badSpare.has(spare)) {
+        records.push({ type: RecordType.SPARE_BAD, logical: 0, spare, dataCrc: 0 });
+      }
+      if (!this.pending.has(logical)) records.push({ type: RecordType.PENDING_ADD, logical, spare: 0, dataCrc: 0 });
+    }
+    if (lost.length === 0) return; // the retries read everything: a transient error
+    this.stats.readErrors++;
+    if (records.length > 0) {
+      try {
+        await this.commit(records);
+        for (const r of records) {
+          if (r.type === RecordType.SPARE_BAD) this.badSpare.add(r.spare);
+          else this.pending.add(r.logical);
+        }
+        this.log.warn({ event: 'read-error', blocks: lost, errno: errnoName(res) },
+          `unreadable block(s) ${lost.join(',')} marked pending; the next write remaps them`);
+      } catch (err) {
+        this.log.error({ event: 'read-error', blocks: lost, err: String(err) }, 'could not persist pending blocks');
+      }
+    }
+    throw new RemapError(ERRNO.EIO, `unreadable block ${lost[0]}${lost.length > 1 ? ` (+${lost.length - 1} more)` : ''}`, {
+      device: this.name, op: 'read', block: lost[0],
+    });
+  }
+
+  // ----------------------------------------------------------------- write
+
+  private async doWrite(offset: number, length: number, buf: Uint8Array, fua: boolean): Promise<void> {
+    this.stats.writes++;
+    this.requireWritable('write');
+    const bs = this.blockSize;
+    if (this.table.size === 0 && this.pending.size === 0) {
+      const res = await this.main.io(BackingOp.WRITE, buf.subarray(0, length), offset, length, fua ? IO_FUA : 0);
+      if (res !== length) await this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua);
+      this.stats.bytesWritten += length;
+      return;
+    }
+    const extents = this.planWrite(offset, length);
+    if (extents.length === 1) await this.writeExtent(extents[0], buf, fua);
+    else await Promise.all(extents.map((e) => this.writeExtent(e, buf, fua)));
+    this.stats.bytesWritten += length;
+  }
+
+  /**
+   * Plan a write: like a read, but blocks that are pending (unreadable on
+   * main, or mapped to a spare block that went bad) go straight to a new
+   * spare block, as drive firmware does.
+   */
+  private planWrite(offset: number, length: number): Array<Extent | { target: 'remap'; logical: number; blocks: number; bufOffset: number }> {
+    const bs = this.blockSize;
+    const extents = planRange(this.table, offset, length, bs);
+    if (this.pending.size === 0) return extents;
+    const out: Array<Extent | { target: 'remap'; logical: number; blocks: number; bufOffset: number }> = [];
+    for (const e of extents) {
+      let start = e.logical;
+      const end = e.logical + e.blocks;
+      let p = this.pending.nextInRange(start, end);
+      if (p < 0) { out.push(e); continue; }
+      while (start < end) {
+        if (p < 0) p = end;
+        if (p > start) {
+          out.push({ ...e, logical: start, blocks: p - start, bufOffset: e.bufOffset + (start - e.logical) * bs,
+            spare: e.target === 'spare' ? e.spare + (start - e.logical) : -1 });
+        }
+        if (p < end) out.push({ target: 'remap', logical: p, blocks: 1, bufOffset: e.bufOffset + (p - e.logical) * bs });
+        start = p + 1;
+        p = start < end ? this.pending.nextInRange(start, end) : -1;
+      }
+    }
+    return out;
+  }
+
+  private async writeExtent(e: Extent | { target: 'remap'; logical: number; blocks: number; bufOffset: number }, buf: Uint8Array, fua: boolean): Promise<void> {
+    const bs = this.blockSize;
+    const len = e.blocks * bs;
+    const src = buf.subarray(e.bufOffset, e.bufOffset + len);
+    if (e.target === 'remap') {
+      await this.remapWithData([{ logical: e.logical, data: src }], 'pending-write');
+      return;
+    }
+    if (e.target === 'main') {
+      const res = await this.main.io(BackingOp.WRITE, src, e.logical * bs, len, fua ? IO_FUA : 0);
+      if (res !== len) await this.recoverMainWrite(e.logical, e.blocks, buf, e.bufOffset, res, fua);
+      return;
+    }
+    const res = await this.spare.io(BackingOp.WRITE, src, this.spareOffset(e.spare), len, fua ? IO_FUA : 0);
+    if (res !== len) await this.recoverSpareWrite(e.logical, e.blocks, buf, e.bufOffset, res, fua);
+  }
+
+  /**
+   * A write to main failed. Find the bad blocks by writing block by block;
+   * move each bad block's data to a spare block (data durable first, then
+   * the mapping); only then is the client answered, with success.
+   */
+  private async recoverMainWrite(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, fua: boolean): Promise<void> {
+    const bs = this.blockSize;
+    if (res >= 0) res = -ERRNO.EIO;
+    if (classifyErrno(res) !== 'media') {
+      this.stats.writeErrors++;
+      throw this.nonMediaError(res, 'write', { target: 'main', offset: first * bs });
+    }
+    this.stats.writeErrors++;
+    const bad: RemapItem[] = [];
+    for (let i = 0; i < count; i++) {
+      const logical = first + i;
+      const data = buf.subarray(bufOffset + i * bs, bufOffset + (i + 1) * bs);
+      const spare = this.table.get(logical);
+      if (spare >= 0) {
+        // Remapped meanwhile (a concurrent writer of the same block): follow it.
+        const r = await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0);
+        if (r !== bs) await this.recoverSpareWrite(logical, 1, buf, bufOffset + i * bs, r, fua);
+        continue;
+      }
+      const r = await this.main.io(BackingOp.WRITE, data, logical * bs, bs, fua ? IO_FUA : 0);
+      if (r === bs) continue;
+      const cls = classifyErrno(r < 0 ? r : -ERRNO.EIO);
+      if (cls !== 'media') throw this.nonMediaError(r < 0 ? r : -ERRNO.EIO, 'write', { target: 'main', block: logical, offset: logical * bs });
+      bad.push({ logical, data });
+    }
+    if (bad.length > 0) await this.remapWithData(bad, 'write-error');
+  }
+
+  /** A write to a spare-mapped block failed: mark that spare block bad and move the data on. */
+  private async recoverSpareWrite(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, fua: boolean): Promise<void> {
+    const bs = this.blockSize;
+    if (res >= 0) res = -ERRNO.EIO;
+    if (classifyErrno(res) !== 'media') {
+      this.stats.writeErrors++;
+      throw this.nonMediaError(res, 'write', { target: 'spare', block: first, offset: this.spareOffset(this.table.get(first)) });
+    }
+    this.stats.writeErrors++;
+    const bad: RemapItem[] = [];
+    for (let i = 0; i < count; i++) {
+      const logical = first + i;
+      const data = buf.subarray(bufOffset + i * bs, bufOffset + (i + 1) * bs);
+      const spare = this.table.get(logical);
+      const r = spare >= 0 ? await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
+      if (r === bs) continue;
+      if (r < 0 && classifyErrno(r) !== 'media') throw this.nonMediaError(r, 'write', { target: 'spare', block: logical, offset: this.spareOffset(spare) });
+      bad.push({ logical, data });
+    }
+    if (bad.length > 0) await this.remapWithData(bad, 'spare-write-error');
+  }
+
+  // ----------------------------------------------------------------- remap
+
+  /** Serialize remaps of the same logical block; different blocks run (and group-commit) together. */
+  private async lockBlocks(blocks: number[]): Promise<() => void> {
+    for (;;) {
+      const busy = blocks.map((b) => this.remapLocks.get(b)).filter((p): p is Promise<void> => p !== undefined);
+      if (busy.length === 0) break;
+      await Promise.all(busy);
+    }
+    let release!: () => void;
+    const p = new Promise<void>((r) => { release = r; });
+    for (const b of blocks) this.remapLocks.set(b, p);
+    return () => {
+      for (const b of blocks) if (this.remapLocks.get(b) === p) this.remapLocks.delete(b);
+      release();
+    };
+  }
+
+  private allocateSpare(logical: number, why: string): number {
+    const s = this.allocator.allocate();
+    if (s < 0) {
+      if (!this.spareExhausted) {
+        this.spareExhausted = true;
+        this.log.error({ event: 'spare-exhausted', block: logical, spareBlocksTotal: this.allocator.total },
+          `spare of ${this.name} is exhausted: block ${logical} cannot be remapped (${why})`);
+      }
+      throw new RemapError(ERRNO.ENOSPC, `spare exhausted (${this.allocator.total} blocks in use); cannot remap`, {
+        device: this.name, op: why, block: logical,
+      });
+    }
+    return s;
+  }
+
+  /**
+   * Move blocks to the spare with the given data: allocate, write, make the
+   * data durable, commit the mapping durably, and only then update the table.
+   * `why` is 'write-error' | 'spare-write-error' | 'pending-write' | 'manual' | ...
+   */
+  private async remapWithData(items: RemapItem[], why: string): Promise<Array<{ logical: number; spare: number }>> {
+    const automatic = why !== 'manual';
+    if (automatic && !this.breaker.admit(items.length)) {
+      this.fail(`remap rate over ${this.breaker.maxRemaps} per ${this.breaker.windowMs} ms: the disk is failing faster than remapping can help`);
+      throw new RemapError(ERRNO.EIO, 'remap circuit breaker is open; device failed', { device: this.name, op: why, block: items[0].logical });
+    }
+    const unlock = await this.lockBlocks(items.map((i) => i.logical));
+    const allocated: number[] = [];
+    // One bound for the whole remap (data write, sync, commit): a hung spare
+    // fails the request after the metadata timeout instead of hanging it.
+    const dl = new Deadline(this.metadataTimeoutMs);
+    const bounded = async (p: Promise<number>, what: string, block: number): Promise<number> => {
+      const r = await within(p, dl.remaining());
+      if (r.done) return r.value;
+      throw new RemapError(ERRNO.EIO, `${what} timed out after ${this.metadataTimeoutMs} ms`, { device: this.name, op: why, block });
+    };
+    try {
+      const records: MetaRecord[] = [];
+      const newlyBad: number[] = [];
+      const placed: Array<{ logical: number; spare: number; old: number }> = [];
+      for (const item of items) {
+        const old = this.table.get(item.logical);
+        let tries = 0;
+        for (;;) {
+          const spare = this.allocateSpare(item.logical, why);
+          allocated.push(spare);
+          const r = await bounded(this.spare.io(BackingOp.WRITE, item.data, this.spareOffset(spare), this.blockSize), 'spare data write', item.logical);
+          if (r === this.blockSize) {
+            records.push({ type: RecordType.REMAP, logical: item.logical, spare, dataCrc: crc32c(item.data) });
+            placed.push({ logical: item.logical, spare, old });
+            break;
+          }
+          if (r >= 0 || classifyErrno(r) === 'media') {
+            records.push({ type: RecordType.SPARE_BAD, logical: 0, spare, dataCrc: 0 });
+            newlyBad.push(spare);
+            this.log.warn({ event: 'spare-bad', block: item.logical, spare, errno: errnoName(r < 0 ? r : -ERRNO.EIO) },
+              `spare block ${spare} failed a write; trying another`);
+            if (++tries > this.spareWriteRetries) {
+              throw new RemapError(ERRNO.EIO, `spare write failed ${tries} times in a row`, { device: this.name, op: why, block: item.logical });
+            }
+            continue;
+          }
+          throw this.nonMediaError(r, why, { target: 'spare', block: item.logical, offset: this.spareOffset(spare) });
+        }
+        if (old >= 0 && !this.badSpare.has(old) && !newlyBad.includes(old)) {
+          // The old spare block of a re-remapped block failed us: never use it again.
+          records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: old, dataCrc: 0 });
+          newlyBad.push(old);
+        }
+      }
+      const sync = await bounded(this.spare.io(BackingOp.FDATASYNC, null, 0, 0), 'spare fdatasync', items[0].logical);
+      if (sync < 0) {
+        this.latchFlushFailure(sync, 'spare');
+        throw new RemapError(-sync, 'fdatasync of the spare failed before committing a remap', { device: this.name, op: why, block: items[0].logical });
+      }
+      await this.commit(records, Math.max(1, dl.remaining()));
+      for (const p of placed) {
+        this.table.set(p.logical, p.spare);
+        this.pending.delete(p.logical);
+      }
+      for (const s of newlyBad) this.badSpare.add(s);
+      if (automatic) this.stats.autoRemaps += placed.length;
+      else this.stats.manualRemaps += placed.length;
+      for (const p of placed) {
+        this.log.warn({ event: 'remap', reason: why, block: p.logical, spare: p.spare, oldSpare: p.old >= 0 ? p.old : undefined },
+          `block ${p.logical} remapped to spare block ${p.spare} (${why})`);
+      }
+      allocated.length = 0;
+      return placed.map(({ logical, spare }) => ({ logical, spare }));
+    } catch (err) {
+      this.quarantine(allocated);
+      throw err;
+    } finally {
+      unlock();
+    }
+  }
+
+  /**
+   * Spare blocks whose commit failed: their data write (or the commit itself)
+   * may still land, so they are never handed out again in this run, and the
+   * quarantine is persisted with the next commit.
+   */
+  private quarantine(spares: number[]): void {
+    for (const s of spares) {
+      if (this.badSpare.has(s) || this.quarantined.has(s)) continue;
+      this.quarantined.add(s);
+      this.carryRecords.push({ type: RecordType.QUARANTINE, logical: 0, spare: s, dataCrc: 0 });
+    }
+  }
+
+  private async commit(records: MetaRecord[], timeoutMs = this.metadataTimeoutMs): Promise<number> {
+    const carried = this.carryRecords;
+    this.carryRecords = [];
+    try {
+      return await this.writer.commit(carried.length > 0 ? [...carried, ...records] : records, { timeoutMs });
+    } catch (err) {
+      this.stats.commitFailures++;
+      this.carryRecords.push(...carried);
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      this.log.error({ event: 'metadata-commit-failed', errno: errnoName(errno), err: String(err) }, `metadata commit of ${this.name} failed`);
+      throw new RemapError(ERRNO.EIO, `metadata commit failed (${errnoName(errno)})`, { device: this.name, op: 'metadata-commit' }, { cause: err });
+    }
+  }
+
+  /**
+   * Operator-requested remap: copy the block's data to the spare while it is
+   * still readable, commit, and serve it from the spare from then on. An
+   * unreadable block is not invented: it becomes pending instead.
+   */
+  async remapBlocks(blocks: number[]): Promise<ManualRemapResult[]> {
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: 'remap' });
+    }
+    this.requireWritable('remap');
+    const bs = this.blockSize;
+    const out: ManualRemapResult[] = [];
+    this.inFlightRequests++;
+    try {
+      for (const block of blocks) {
+        if (!Number.isSafeInteger(block) || block < 0 || block >= this.blocks) {
+          out.push({ block, result: 'failed', errno: ERRNO.EINVAL, reason: `block ${block} is outside the device (0..${this.blocks - 1})` });
+          continue;
+        }
+        const existing = this.table.get(block);
+        if (existing >= 0 && !this.badSpare.has(existing)) {
+          out.push({ block, result: 'already-remapped', spare: existing });
+          continue;
+        }
+        const data = allocAligned(bs);
+        let ok = false;
+        let last = 0;
+        for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
+          last = existing >= 0
+            ? await this.spare.io(BackingOp.READ, data, this.spareOffset(existing), bs)
+            : await this.main.io(BackingOp.READ, data, block * bs, bs);
+          ok = last === bs;
+        }
+        if (!ok) {
+          const errno = last < 0 ? -last : ERRNO.EIO;
+          if (classifyErrno(-errno) !== 'media') {
+            out.push({ block, result: 'failed', errno, reason: `reading block ${block} failed: ${errnoName(errno)}` });
+            continue;
+          }
+          try {
+            if (!this.pending.has(block)) {
+              await this.commit([{ type: RecordType.PENDING_ADD, logical: block, spare: 0, dataCrc: 0 }]);
+              this.pending.add(block);
+            }
+            out.push({ block, result: 'pending', reason: `block ${block} is unreadable (${errnoName(errno)}); it is remapped on its next write` });
+          } catch (err) {
+            out.push({ block, result: 'failed', errno: ERRNO.EIO, reason: String(err) });
+          }
+          continue;
+        }
+        try {
+          const [placed] = await this.remapWithData([{ logical: block, data }], 'manual');
+          out.push({ block, result: 'remapped', spare: placed.spare });
+        } catch (err) {
+          const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+          out.push({ block, result: 'failed', errno, reason: err instanceof Error ? err.message : String(err) });
+        }
+      }
+    } finally {
+      if (--this.inFlightRequests === 0) this.wakeDrainers();
+    }
+    return out;
+  }
+
+  private wakeDrainers(): void {
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  // ----------------------------------------------------------------- flush
+
+  private latchFlushFailure(res: number, target: 'main' | 'spare'): void {
+    if (this.flushLatch === 0) this.flushLatch = -res;
+    this.fail(`fdatasync of ${target} failed (${errnoName(res)}); later flushes cannot prove durability`);
+  }
+
+  private async doFlush(): Promise<void> {
+    this.stats.flushes++;
+    if (this.flushLatch !== 0) {
+      throw new RemapError(ERRNO.EIO, `an earlier flush failed (${errnoName(this.flushLatch)}); the device stays failed`, { device: this.name, op: 'flush' });
+    }
+    const [m, s] = await Promise.all([
+      this.main.io(BackingOp.FDATASYNC, null, 0, 0),
+      this.spareIsMain ? Promise.resolve(0) : this.spare.io(BackingOp.FDATASYNC, null, 0, 0),
+    ]);
+    if (m < 0) this.latchFlushFailure(m, 'main');
+    if (s < 0) this.latchFlushFailure(s, 'spare');
+    if (m < 0 || s < 0) {
+      throw new RemapError(ERRNO.EIO, `flush failed (${errnoName(m < 0 ? m : s)})`, { device: this.name, op: 'flush' });
+    }
+  }
+
+  // ------------------------------------------------------ discard / zeroes
+
+  private async doDiscard(offset: number, length: number): Promise<void> {
+    this.stats.discards++;
+    this.requireWritable('discard');
+    const bs = this.blockSize;
+    // DISCARD is advisory: an unsupported discard is a success. It does not
+    // clear pending blocks (their data is still unknown).
+    const extents = planRange(this.table, offset, length, bs);
+    await Promise.all(extents.map(async (e) => {
+      const len = e.blocks * bs;
+      const dev = e.target === 'main' ? this.main : this.spare;
+      const at = e.target === 'main' ? e.logical * bs : this.spareOffset(e.spare);
+      const res = await dev.io(BackingOp.DISCARD, null, at, len);
+      if (res < 0 && classifyErrno(res) !== 'unsupported') {
+        if (classifyErrno(res) === 'media') throw new RemapError(-res, `discard failed`, { device: this.name, op: 'discard', block: e.logical });
+        throw this.nonMediaError(res, 'discard', { target: e.target, block: e.logical, offset: at });
+      }
+    }));
+  }
+
+  private zeroes(): Buffer {
+    if (this.zeroBlock === null) this.zeroBlock = allocAligned(Math.max(this.blockSize, 256 * 1024));
+    return this.zeroBlock;
+  }
+
+  private async doWriteZeroes(offset: number, length: number, fua: boolean): Promise<void> {
+    this.stats.writeZeroes++;
+    this.requireWritable('writeZeroes');
+    const bs = this.blockSize;
+    const extents = this.planWrite(offset, length);
+    await Promise.all(extents.map(async (e) => {
+      if (e.target === 'remap') {
+        await this.remapWithData([{ logical: e.logical, data: this.zeroes().subarray(0, bs) }], 'pending-write');
+        return;
+      }
+      const len = e.blocks * bs;
+      const dev = e.target === 'main' ? this.main : this.spare;
+      const at = e.target === 'main' ? e.logical * bs : this.spareOffset(e.spare);
+      let res = await dev.io(BackingOp.WRITE_ZEROES, null, at, len);
+      if (res >= 0 && fua) res = await dev.io(BackingOp.FDATASYNC, null, 0, 0);
+      if (res >= 0) return;
+      // Not offered, or failed: write real zeroes, which runs the full write
+      // error policy (so a bad block under WRITE_ZEROES is remapped too).
+      const z = this.zeroes();
+      for (let done = 0; done < len;) {
+        const n = Math.min(z.length - (z.length % bs), len - done);
+        const blockOff = done / bs;
+        const sub: Extent = { ...e, logical: e.logical + blockOff, blocks: n / bs, bufOffset: 0,
+          spare: e.target === 'spare' ? e.spare + blockOff : -1 } as Extent;
+        await this.writeExtent(sub, z, fua);
+        done += n;
+      }
+    }));
+  }
+
+  // ----------------------------------------------------------------- close
+
+  private drain(): Promise<void> {
+    if (this.inFlightRequests === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /**
+   * Remove the device within one deadline: refuse new requests (ESHUTDOWN),
+   * drain what runs, abort the pending commit, sync (graceful), close rings.
+   * A hung disk delays this by at most the deadline.
+   */
+  async close(timeoutMs = this.metadataTimeoutMs, opts: { graceful?: boolean } = {}): Promise<CloseReport> {
+    const started = Date.now();
+    const deadline = new Deadline(timeoutMs);
+    const graceful = opts.graceful ?? true;
+    if (this.stateValue === 'closed') {
+      return { elapsedMs: 0, requestsAbandoned: 0, ioCancelled: 0, ioAbandoned: 0, metadataAborted: false, synced: false };
+    }
+    this.stateValue = 'stopping';
+    const drained = await within(this.drain(), deadline.remaining());
+    const requestsAbandoned = drained.done ? 0 : this.inFlightRequests;
+    const metadataAborted = !drained.done;
+    await within(this.writer.close(deadline.remaining()), deadline.remaining());
+    let synced = false;
+    if (graceful && drained.done && this.flushLatch === 0 && !deadline.expired) {
+      const r = await within(Promise.all([
+        this.main.io(BackingOp.FDATASYNC, null, 0, 0),
+        this.spareIsMain ? Promise.resolve(0) : this.spare.io(BackingOp.FDATASYNC, null, 0, 0),
+      ]), deadline.remaining());
+      synced = r.done && r.value[0] >= 0 && r.value[1] >= 0;
+    }
+    const ringBudget = deadline.remaining();
+    const [m, s] = await Promise.all([
+      this.main.close(ringBudget),
+      this.spareIsMain ? Promise.resolve({ cancelled: 0, abandoned: 0 }) : this.spare.close(ringBudget),
+    ]);
+    this.stateValue = 'closed';
+    this.wakeDrainers();
+    const report: CloseReport = {
+      elapsedMs: Date.now() - started,
+      requestsAbandoned,
+      ioCancelled: m.cancelled + s.cancelled,
+      ioAbandoned: m.abandoned + s.abandoned,
+      metadataAborted,
+      synced,
+    };
+    this.log.info({ event: 'closed', ...report }, `device ${this.name} closed`);
+    return report;
+  }
+}
