@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { FileMetaIO, type MetaIO } from '../../src/metadata/io.js';
 import { formatSpare, loadSpare, type FormatOptions, type LoadedMetadata } from '../../src/metadata/store.js';
 import { RecordType, type MetaRecord } from '../../src/metadata/records.js';
+import { RemapError } from '../../src/errors.js';
 
 export function tempDir(tag: string): { dir: string; cleanup: () => void } {
   const dir = mkdtempSync(join('/var/tmp', `dm-remapd-meta-${tag}-`));
@@ -45,6 +46,8 @@ export class TestIO implements MetaIO {
   writes: { offset: number; length: number }[] = [];
   syncs = 0;
   holdSync = false;
+  /** When set, writes fail with this errno. */
+  failWrites: number | undefined;
   private heldSyncs: (() => void)[] = [];
 
   constructor(readonly inner: MetaIO) {}
@@ -60,6 +63,7 @@ export class TestIO implements MetaIO {
   write(offset: number, data: Uint8Array): Promise<void> {
     this.writes.push({ offset, length: data.length });
     const copy = data.slice();
+    if (this.failWrites !== undefined) return Promise.reject(new RemapError(this.failWrites, 'injected write error', { device: this.describe(), op: 'metadata-write', offset }));
     if (this.capture) {
       this.captured.push({ offset, data: copy });
       return Promise.resolve();

@@ -193,6 +193,25 @@ describe('MetadataWriter', () => {
     expect(got.quarantined.has(1)).toBe(true);
   });
 
+  it('a write error fails the commit with its errno; the on-disk state stays valid and the writer goes on', async () => {
+    const p = path();
+    const { io: fio, loaded } = await freshSpare(p);
+    const io = new TestIO(fio);
+    const w = new MetadataWriter(io, loaded, { snapshot: () => [] });
+    expect(await w.commit([remap(1, 1)])).toBe(1);
+    io.failWrites = 5;
+    const e = await rejection(w.commit([remap(2, 2)]));
+    expect(e.code).toBe('EIO');
+    expect(e.message).toMatch(/commit seq 2 .* failed: injected write error/);
+    io.failWrites = undefined;
+    expect(await w.commit([remap(3, 3)])).toBe(3);
+    expect(w.stats()).toMatchObject({ commits: 2, failedCommits: 1 });
+    await w.close();
+    await fio.close();
+    const l = await reload(p);
+    expect(l.records).toEqual([remap(1, 1), remap(3, 3)]);
+  });
+
   it('close() with nothing pending resolves at once and leaves no timer', async () => {
     const { io, loaded } = await freshSpare(path());
     const before = timeoutCount();
