@@ -9,13 +9,9 @@
 namespace dmr {
 
 namespace {
-void FreeAligned(Napi::Env env, uint8_t* data, size_t* size) {
-  if (size != nullptr) {
-    Napi::MemoryManagement::AdjustExternalMemory(env, -static_cast<int64_t>(*size));
-    delete size;
-  }
-  std::free(data);
-}
+// Touches no env: at a worker_thread's teardown this may run while the env is
+// being destroyed. (V8 accounts external backing stores by itself.)
+void FreeAligned(Napi::Env /*env*/, uint8_t* data) { std::free(data); }
 }  // namespace
 
 Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
@@ -36,9 +32,7 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   int rc = posix_memalign(&p, align, size == 0 ? 1 : size);
   if (rc != 0 || p == nullptr) return Napi::Number::New(env, -(rc != 0 ? rc : ENOMEM));
   std::memset(p, 0, size == 0 ? 1 : size);
-  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(size));
-  auto* hint = new size_t(size);
-  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), size, FreeAligned, hint);
+  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), size, FreeAligned);
 }
 
 }  // namespace dmr

@@ -74,7 +74,9 @@ NativeBacking::NativeBacking(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
 
 NativeBacking::~NativeBacking() { CloseNative(0); }
 
-void NativeBacking::EnvCleanup(void* arg) { static_cast<NativeBacking*>(arg)->CloseNative(0); }
+// The env is going away: release the kernel and libuv resources, but make no
+// further N-API calls (references, async context, wrap) on a dying env.
+void NativeBacking::EnvCleanup(void* arg) { static_cast<NativeBacking*>(arg)->CloseNative(0, true); }
 
 Napi::Value NativeBacking::ErrorStage(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), errorStage_);
@@ -591,7 +593,7 @@ Napi::Value NativeBacking::Close(const Napi::CallbackInfo& info) {
   return o;
 }
 
-NativeBacking::CloseResult NativeBacking::CloseNative(int workerWaitMs) {
+NativeBacking::CloseResult NativeBacking::CloseNative(int workerWaitMs, bool envTeardown) {
   CloseResult r;
   if (closed_) return r;
   closed_ = true;
@@ -636,6 +638,14 @@ NativeBacking::CloseResult NativeBacking::CloseNative(int workerWaitMs) {
   eventFd_.reset();
   if (r.workerAbandoned > 0 && inflight_ >= r.workerAbandoned) inflight_ -= r.workerAbandoned;
   immediate_.clear();
+  open_ = false;
+  if (envTeardown) {
+    cleanupHookAdded_ = false;  // being run right now
+    onComplete_.SuppressDestruct();
+    completionsRef_.SuppressDestruct();
+    asyncContext_.release();  // deliberately not destroyed on a dying env
+    return r;
+  }
   if (cleanupHookAdded_) {
     napi_remove_env_cleanup_hook(Env(), EnvCleanup, this);
     cleanupHookAdded_ = false;

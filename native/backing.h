@@ -89,7 +89,7 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
     uint32_t workerAbandoned = 0;
     bool workerDetached = false;
   };
-  CloseResult CloseNative(int workerWaitMs);
+  CloseResult CloseNative(int workerWaitMs, bool envTeardown = false);
 
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnPollClosed(uv_handle_t* handle);

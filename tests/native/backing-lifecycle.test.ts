@@ -139,4 +139,54 @@ describe('BackingDevice lifecycle', () => {
     // Would hit the timeout (and throw) if the idle poll handle held the loop open.
     execFileSync(process.execPath, ['-e', js], { timeout: 5000 });
   });
+
+  it('close() from inside a completion callback is safe', async () => {
+    const p = join(tmp.dir, 'cbclose.img');
+    makePatternFile(p, MiB);
+    const d = BackingDevice.open(p);
+    const closing = new Promise<{ cancelled: number; abandoned: number }>((resolve) => {
+      d.submit(BackingOp.READ, allocAligned(4096), 0, 4096, 0, () => resolve(d.close()));
+    });
+    const other = d.read(allocAligned(4096), 4096);
+    await closing;
+    expect([4096, -E.ECANCELED]).toContain(await other);
+    expect(await d.read(allocAligned(4096), 0)).toBe(-E.EBADF);
+  });
+
+  // KNOWN ISSUE (open): terminating a worker_thread that still has an UNCLOSED
+  // device intermittently corrupts the heap ("malloc(): unsorted double linked
+  // list corrupted") in this harness; not reproduced when the same script runs
+  // outside vitest. The daemon closes devices on the main thread, which is
+  // covered above. Enable with DMR_WORKER_TEARDOWN_TEST=1 while investigating.
+  it.skipIf(process.env.DMR_WORKER_TEARDOWN_TEST !== '1')('a worker_thread that exits with an open device tears down cleanly', () => {
+    const p = join(tmp.dir, 'wt.img');
+    makePatternFile(p, MiB);
+    const addon = join(__dirname, '..', '..', 'build', 'Release', 'dm_remapd.node');
+    const inner = `
+      const b = require(${JSON.stringify(addon)});
+      const c = new Float64Array(128);
+      const h = new b.NativeBacking(() => require('node:worker_threads').parentPort.postMessage(c[1]), c);
+      if (h.open(${JSON.stringify(p)}, true, false, false, 8) !== 0) throw new Error('open');
+      h.submit(new Float64Array([0, 1, 0, 4096, 0]), [b.allocAligned(4096, 4096)], 1);
+    `;
+    const outer = `
+      const { Worker } = require('node:worker_threads');
+      (async () => {
+        for (let i = 0; i < 10; i++) {
+          const w = new Worker(${JSON.stringify(inner)}, { eval: true });
+          const res = await new Promise((r, j) => { w.once('message', r); w.once('error', j); });
+          if (res !== 4096) throw new Error('read ' + res);
+          await w.terminate();
+        }
+        console.log('ok');
+      })();
+    `;
+    let out = '';
+    try {
+      out = execFileSync(process.execPath, ['-e', outer], { encoding: 'utf8', timeout: 10_000 });
+    } catch (e) {
+      out = String((e as { stderr?: string }).stderr);
+    }
+    expect(out.trim()).toBe('ok');
+  });
 });
