@@ -314,7 +314,8 @@ export class BlockEngine {
     }
   }
 
-  private spareOffset(spare: number): number {
+  /** Byte offset of spare data block `spare` on the spare device. */
+  spareOffset(spare: number): number {
     return this.spareDataOffset + spare * this.blockSize;
   }
 
