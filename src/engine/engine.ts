@@ -858,7 +858,12 @@ export class BlockEngine {
     this.stateValue = 'stopping';
     const drained = await within(this.drain(), deadline.remaining());
     const requestsAbandoned = drained.done ? 0 : this.inFlightRequests;
-    const metadataAborted = !drained.done;
+    // Writes of a commit that timed out may still be in the kernel: report them.
+    const metadataAborted = !drained.done || this.writer.stats().outstandingWrites > 0;
+    if (graceful && drained.done && this.carryRecords.length > 0 && !deadline.expired) {
+      // Quarantine notes of failed commits: persist them if the disk lets us.
+      await this.commit([], Math.max(1, deadline.remaining())).catch(() => undefined);
+    }
     await within(this.writer.close(deadline.remaining()), deadline.remaining());
     let synced = false;
     if (graceful && drained.done && this.flushLatch === 0 && !deadline.expired) {
