@@ -1,0 +1,291 @@
+/**
+ * npm run bench:engine [-- --json]
+ *
+ * One run, compared within itself (shared machines are noisy):
+ *   1. engine vs fio (io_uring, O_DIRECT) on the same fully written main file
+ *   2. the same engine workloads after 10,000 scattered remaps
+ *   3. RemapTable.get() at 1M entries
+ *   4. metadata commit latency with 1k and 1M entries
+ *   5. group commit of 10,000 concurrent commit() calls
+ *
+ * Environment: BENCH_SECONDS (per workload, default 5), BENCH_FILE_GB (main
+ * file, default 4), BENCH_RAMP_SECONDS (untimed warm-up per workload, default 1).
+ * Files live in a temp folder under /var/tmp, removed at the end, on errors and on Ctrl-C.
+ */
+import os from 'node:os';
+import { join } from 'node:path';
+import { openEngine } from '../src/engine/open.js';
+import type { BlockEngine } from '../src/engine/engine.js';
+import { fillFile, fioVersion, runFio, type FioResult } from './fio.js';
+import { remapScattered, runEngineLoad, type LoadResult, type RemapRun, type Workload } from './engine-load.js';
+import { benchRemapTable, type TableBenchResult } from './table-bench.js';
+import { benchCommitLatency, benchGroupCommit, type CommitLatencyResult, type GroupCommitResult } from './metadata-bench.js';
+import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict } from './util.js';
+
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+
+function envNumber(name: string, def: number, min: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return def;
+  const v = Number(raw);
+  if (!Number.isFinite(v) || v < min) throw new Error(`${name}=${raw}: expected a number >= ${min}`);
+  return v;
+}
+
+const SECONDS = envNumber('BENCH_SECONDS', 5, 1);
+const FILE_BYTES = Math.floor((envNumber('BENCH_FILE_GB', 4, 0.0625) * GiB) / MiB) * MiB;
+const RAMP = envNumber('BENCH_RAMP_SECONDS', 1, 0);
+const SPARE_BYTES = 1 * GiB;
+const REMAPS = 10_000;
+const REMAP_CALLS = 64;
+const JSON_OUT = process.argv.includes('--json');
+
+const WORKLOADS: Workload[] = [
+  { label: 'randread 4k QD32', op: 'read', pattern: 'random', bs: 4096, qd: 32 },
+  { label: 'randread 4k QD128', op: 'read', pattern: 'random', bs: 4096, qd: 128 },
+  { label: 'randwrite 4k QD32', op: 'write', pattern: 'random', bs: 4096, qd: 32 },
+  { label: 'randwrite 4k QD128', op: 'write', pattern: 'random', bs: 4096, qd: 128 },
+  { label: 'seqread 1M QD4', op: 'read', pattern: 'sequential', bs: MiB, qd: 4 },
+  { label: 'seqwrite 1M QD4', op: 'write', pattern: 'sequential', bs: MiB, qd: 4 },
+];
+
+function fioRw(w: Workload): 'randread' | 'randwrite' | 'read' | 'write' {
+  if (w.pattern === 'random') return w.op === 'read' ? 'randread' : 'randwrite';
+  return w.op;
+}
+
+const t0All = Date.now();
+function progress(msg: string): void {
+  process.stderr.write(`[${((Date.now() - t0All) / 1000).toFixed(0).padStart(4)} s] ${msg}\n`);
+}
+
+interface Goal {
+  name: string;
+  goal: string;
+  value: string;
+  pass: boolean;
+}
+
+interface ThroughputRow {
+  workload: string;
+  fio: FioResult;
+  engine0: LoadResult;
+  engine10k?: LoadResult;
+  /** fio again after the 10k-remap engine run: how much the disk drifted between the phases. */
+  fioAgain?: FioResult;
+}
+
+function perSec(w: Workload, r: { iops: number; bytesPerSec: number }): string {
+  return w.bs >= MiB ? `${fmt(r.bytesPerSec / MiB, 0)} MiB/s` : `${fmtInt(r.iops)} IOPS`;
+}
+
+async function main(): Promise<void> {
+  const dir = makeTempDir('dm-remapd-bench');
+  const mainPath = join(dir, 'main.img');
+  const sparePath = join(dir, 'spare.img');
+  const fioOut = join(dir, 'fio.json');
+  const goals: Goal[] = [];
+  let engine: BlockEngine | undefined;
+  const fioVer = await fioVersion();
+
+  console.log('dm-remapd engine benchmark (one run; compare figures within this run only)');
+  console.log(
+    `host: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Linux ${os.release()}, node ${process.version}, ${fioVer}\n` +
+      `main: ${fmt(FILE_BYTES / GiB, 2)} GiB file, spare: ${fmt(SPARE_BYTES / GiB, 0)} GiB file, in ${dir} (removed at the end)\n` +
+      `per workload: ${RAMP} s untimed warm-up + ${SECONDS} s timed (BENCH_SECONDS, BENCH_FILE_GB, BENCH_RAMP_SECONDS)`,
+  );
+
+  try {
+    // ------------------------------------------------------------ files
+    progress(`writing the ${fmt(FILE_BYTES / GiB, 2)} GiB main file and the 1 GiB spare once (fio, sequential, O_DIRECT)`);
+    const f0 = performance.now();
+    const fillMain = await fillFile(mainPath, FILE_BYTES, fioOut);
+    const fillSpare = await fillFile(sparePath, SPARE_BYTES, fioOut, true);
+    const fillMs = performance.now() - f0;
+    console.log(
+      `files written in ${fmt(fillMs / 1000, 1)} s (main at ${fmt(fillMain.bytesPerSec / MiB, 0)} MiB/s, spare at ${fmt(fillSpare.bytesPerSec / MiB, 0)} MiB/s)`,
+    );
+
+    // ------------------------------------------------------------ 1. engine vs fio
+    engine = await openEngine({ name: 'bench', mainPath, sparePath, format: true });
+    const eng = engine;
+    console.log(`engine: openMode=${eng.openMode}, ${fmtInt(eng.blocks)} blocks of ${eng.blockSize} B; fio: ioengine=io_uring direct=1 numjobs=1`);
+    const rows: ThroughputRow[] = [];
+    for (const w of WORKLOADS) {
+      progress(`fio     ${w.label}`);
+      const fio = await runFio(
+        { filename: mainPath, rw: fioRw(w), bs: w.bs, iodepth: w.qd, sizeBytes: FILE_BYTES, seconds: SECONDS, rampSeconds: RAMP },
+        fioOut,
+      );
+      progress(`engine  ${w.label}`);
+      const engine0 = await runEngineLoad(eng, w, SECONDS, RAMP);
+      rows.push({ workload: w.label, fio, engine0 });
+    }
+
+    // ------------------------------------------------------------ 2. after 10k remaps
+    progress(`remapping ${fmtInt(REMAPS)} scattered blocks with ${REMAP_CALLS} concurrent remapBlocks() calls`);
+    const remapRun: RemapRun = await remapScattered(eng, REMAPS, REMAP_CALLS);
+    for (const [i, w] of WORKLOADS.entries()) {
+      progress(`engine  ${w.label} (10k remapped)`);
+      rows[i].engine10k = await runEngineLoad(eng, w, SECONDS, RAMP);
+      progress(`fio     ${w.label} (again, drift control)`);
+      rows[i].fioAgain = await runFio(
+        { filename: mainPath, rw: fioRw(w), bs: w.bs, iodepth: w.qd, sizeBytes: FILE_BYTES, seconds: SECONDS, rampSeconds: RAMP },
+        fioOut,
+      );
+    }
+    const status = eng.status();
+    const closeReport = await eng.close(10_000);
+    engine = undefined;
+
+    console.log('\n== 1. Throughput: engine vs fio on the same file (same QD, same block size; goal engine >= 0.90x fio)');
+    console.log(
+      table(
+        ['workload', 'fio', 'engine', 'engine/fio', 'goal', 'CPU µs/IO fio', 'CPU µs/IO engine', 'fio clat p99'],
+        rows.map((r, i) => {
+          const w = WORKLOADS[i];
+          const ratio = r.engine0.iops / r.fio.iops;
+          const ok = ratio >= 0.9 && r.engine0.errors === 0;
+          goals.push({ name: `1. ${w.label}: engine/fio`, goal: '>= 0.90x', value: fmtRatio(ratio), pass: ok });
+          return [w.label, perSec(w, r.fio), perSec(w, r.engine0), fmtRatio(ratio), verdict(ok), fmt(r.fio.cpuUsPerIo, 1), fmt(r.engine0.cpuUsPerIo, 1), `${fmt(r.fio.clatP99Us, 0)} µs`];
+        }),
+      ),
+    );
+    console.log('   CPU µs/IO: fio = its job thread (usr+sys); engine = the whole node process (all threads, usr+sys).');
+
+    console.log(`\n== 2. After ${fmtInt(REMAPS)} scattered remaps (goal >= 0.95x of the 0-remap engine run above)`);
+    const other = Object.entries(remapRun.other).map(([k, v]) => `${k}: ${v}`).join(', ');
+    console.log(
+      `remapBlocks: ${fmtInt(remapRun.remapped)}/${fmtInt(remapRun.requested)} remapped in ${fmt(remapRun.ms / 1000, 2)} s ` +
+        `(${fmtInt((remapRun.remapped / remapRun.ms) * 1000)} remaps/s) by ${remapRun.calls} concurrent calls, ` +
+        `${fmtInt(remapRun.diskCommits)} metadata disk commits (${fmt(remapRun.remapped / Math.max(1, remapRun.diskCommits), 1)} remaps per commit)` +
+        (other ? `; not remapped: ${other} (first: ${remapRun.firstFailure ?? '?'})` : ''),
+    );
+    goals.push({ name: `2. all ${fmtInt(REMAPS)} remaps succeeded`, goal: `${REMAPS}`, value: `${remapRun.remapped}`, pass: remapRun.remapped === REMAPS });
+    console.log(
+      table(
+        ['workload', 'engine 0 remaps', `engine ${REMAPS / 1000}k remaps`, '10k/0', 'goal', 'fio again', 'fio again/fio', '10k/fio again', 'CPU µs/IO 0', 'CPU µs/IO 10k'],
+        rows.map((r, i) => {
+          const w = WORKLOADS[i];
+          const e = r.engine10k as LoadResult;
+          const ratio = e.iops / r.engine0.iops;
+          const ok = ratio >= 0.95 && e.errors === 0;
+          goals.push({ name: `2. ${w.label}: 10k-remap/0-remap`, goal: '>= 0.95x', value: fmtRatio(ratio), pass: ok });
+          const fa = r.fioAgain as FioResult;
+          return [w.label, perSec(w, r.engine0), perSec(w, e), fmtRatio(ratio), verdict(ok), perSec(w, fa), fmtRatio(fa.iops / r.fio.iops), fmtRatio(e.iops / fa.iops), fmt(r.engine0.cpuUsPerIo, 1), fmt(e.cpuUsPerIo, 1)];
+        }),
+      ),
+    );
+    console.log('   fio again: fio rerun right after each 10k-remap engine run; fio again/fio shows how far the disk itself drifted between the phases.');
+    const errs = rows.flatMap((r) => [r.engine0, r.engine10k as LoadResult]).filter((r) => r.errors > 0);
+    console.log(
+      `engine: ${fmtInt(status.stats.reads)} reads, ${fmtInt(status.stats.writes)} writes, ${status.remappedBlocks} remapped, ` +
+        `read errors ${status.stats.readErrors}, write errors ${status.stats.writeErrors}, request failures in the load loops ${errs.reduce((s, r) => s + r.errors, 0)}` +
+        (errs.length > 0 ? ` (first: ${errs[0].firstError ?? '?'})` : '') +
+        `; closed in ${closeReport.elapsedMs} ms (synced: ${closeReport.synced})`,
+    );
+
+    // ------------------------------------------------------------ 3. RemapTable.get
+    removeTempDir(dir); // the 4 GiB main is not needed any more; metadata files go to a new folder
+    const dir2 = makeTempDir('dm-remapd-bench-meta');
+    progress('RemapTable: building 1M entries and timing lookups');
+    const tb: TableBenchResult = benchRemapTable();
+    console.log(
+      `\n== 3. RemapTable.get() at ${fmtInt(tb.entries)} entries (keys random in 0..2^${Math.log2(tb.keySpace)}; built by ${fmtInt(tb.entries)} set() calls ` +
+        `in random order in ${fmt(tb.buildMs, 0)} ms; timed in blocks of 1000 lookups, percentiles over block means; goal median <= 100 ns)`,
+    );
+    console.log(
+      table(
+        ['lookups', 'count', 'hit rate', 'median', 'p99 (of 1000-lookup blocks)', 'goal'],
+        tb.rows.map((r) => {
+          const ok = r.medianNs <= 100;
+          goals.push({ name: `3. RemapTable.get ${r.pattern}: median`, goal: '<= 100 ns', value: `${fmt(r.medianNs, 1)} ns`, pass: ok });
+          return [r.pattern, fmtInt(r.lookups), `${fmt(r.hitRate * 100, 1)}%`, `${fmt(r.medianNs, 1)} ns`, `${fmt(r.p99Ns, 1)} ns`, verdict(ok)];
+        }),
+      ),
+    );
+    console.log(`   loop + clock overhead (same loop, trivial body): ${fmt(tb.loopOverheadNs, 1)} ns per lookup, included above.`);
+
+    // ------------------------------------------------------------ 4. commit latency
+    progress('metadata: 5 GiB sparse spare, O_DIRECT (BackingMetaIO)');
+    const cl: CommitLatencyResult = await benchCommitLatency(dir2, progress);
+    console.log(
+      `\n== 4. Metadata commit latency: 1000 sequential single-record commits per state (BackingMetaIO, O_DIRECT; two 5 GiB sparse spares ` +
+        `of ${fmtInt(cl.dataBlocks)} spare data blocks, timed in alternating rounds of 50; the windows start right after an explicit checkpoint)`,
+    );
+    console.log(
+      table(
+        ['entries', 'commits', 'p50', 'p99', 'max', 'checkpoints in window', 'journal in use at start', 'fill + checkpoint'],
+        cl.steady.map((s, i) => [
+          fmtInt(s.entries), fmtInt(s.commits), `${fmt(s.p50Ms, 2)} ms`, `${fmt(s.p99Ms, 2)} ms`, `${fmt(s.maxMs, 2)} ms`,
+          `${s.checkpointsDuringWindow}`, `${s.journalBlocksInUseAtStart}/${s.journalBlocks} blocks`, `${fmt(cl.fillMs[i] / 1000, 2)} s`,
+        ]),
+      ),
+    );
+    const [l1k, l1m] = cl.steady;
+    const latRatio = l1m.p99Ms / l1k.p99Ms;
+    const latOk = latRatio <= 1.2;
+    goals.push({ name: '4. commit p99(1M)/p99(1k)', goal: '<= 1.20x', value: fmtRatio(latRatio), pass: latOk });
+    console.log(`p99(1M)/p99(1k) = ${fmtRatio(latRatio)} (goal <= 1.20x: ${verdict(latOk)}); p50(1M)/p50(1k) = ${fmtRatio(l1m.p50Ms / l1k.p50Ms)}`);
+    console.log('Commits issued one after another while an explicit checkpoint of the whole state runs (what a window that meets a checkpoint sees):');
+    console.log(
+      table(
+        ['entries', 'checkpoint took', 'commits meanwhile', 'p50', 'p99', 'max', 'longest event-loop stall'],
+        cl.duringCheckpoint.map((d) => [
+          fmtInt(d.entries), `${fmt(d.checkpointMs, 0)} ms`, fmtInt(d.commits), `${fmt(d.p50Ms, 2)} ms`, `${fmt(d.p99Ms, 2)} ms`, `${fmt(d.maxMs, 2)} ms`,
+          `${fmt(d.maxEventLoopDelayMs, 0)} ms`,
+        ]),
+      ),
+    );
+
+    console.log(
+      'Synchronous CPU of one checkpoint (the writer runs it on the event loop; no I/O is served meanwhile): ' +
+        cl.checkpointCpu.map((c) => `${fmtInt(c.entries)} entries: snapshot+validate ${fmt(c.snapshotMs, 0)} ms, encode ${fmt(c.encodeMs, 0)} ms (${fmt(c.bytes / MiB, 1)} MiB)`).join('; '),
+    );
+
+    // ------------------------------------------------------------ 5. group commit
+    progress('metadata: group commit of 10,000 concurrent commit() calls');
+    const gc: GroupCommitResult = await benchGroupCommit(join(dir2, 'spare-gc.img'));
+    const gcOk = gc.remapsPerSec >= 10_000 && gc.failures === 0;
+    goals.push({ name: '5. group commit, 10k concurrent commit() calls', goal: '>= 10,000 remaps/s', value: `${fmtInt(gc.remapsPerSec)}/s`, pass: gcOk });
+    console.log(`\n== 5. Group commit: ${fmtInt(gc.calls)} concurrent single-record commit() calls (fresh 1 GiB sparse spare, O_DIRECT)`);
+    console.log(
+      `${fmtInt(gc.calls - gc.failures)} committed in ${fmt(gc.ms, 1)} ms = ${fmtInt(gc.remapsPerSec)} remaps/s over ${gc.diskCommits} disk commits ` +
+        `(${gc.journalBlocksWritten} journal blocks), ${gc.failures} failures, ${gc.checkpoints} checkpoints; goal >= 10,000 remaps/s: ${verdict(gcOk)}`,
+    );
+
+    // ------------------------------------------------------------ summary
+    console.log('\n== Goals');
+    console.log(table(['goal', 'target', 'measured', ''], goals.map((g) => [g.name, g.goal, g.value, verdict(g.pass)])));
+    const passed = goals.filter((g) => g.pass).length;
+    console.log(`${passed}/${goals.length} goals met; total run time ${fmt((Date.now() - t0All) / 1000, 0)} s`);
+
+    if (JSON_OUT) {
+      const summary = {
+        config: { seconds: SECONDS, rampSeconds: RAMP, fileBytes: FILE_BYTES, spareBytes: SPARE_BYTES, fio: fioVer, node: process.version, kernel: os.release(), cpus: os.cpus().length },
+        openMode: { engine: status.openMode, fio: 'direct=1' },
+        throughput: rows.map((r) => ({ workload: r.workload, fio: r.fio, engine0: r.engine0, engine10k: r.engine10k, engineOverFio: r.engine0.iops / r.fio.iops, remap10kOver0: (r.engine10k as LoadResult).iops / r.engine0.iops })),
+        remaps: remapRun,
+        remapTable: tb,
+        commitLatency: { ...cl, p99Ratio: latRatio },
+        groupCommit: gc,
+        goals,
+      };
+      console.log('\n== JSON');
+      console.log(JSON.stringify(summary, null, 2));
+    }
+    removeTempDir(dir2);
+  } finally {
+    if (engine !== undefined) await engine.close(5000).catch(() => undefined);
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    process.stderr.write(`bench failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    process.exitCode = 1;
+    process.exit(1); // the 'exit' handler removes the temp folders
+  },
+);
