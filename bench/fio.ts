@@ -33,7 +33,8 @@ export interface FioResult {
 
 function run(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Own process group: fio forks its job processes, and cleanup kills the whole group.
+    const c = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     trackChild(c);
     let stdout = '';
     let stderr = '';
@@ -77,6 +78,8 @@ export async function runFio(job: FioJob, outFile: string): Promise<FioResult> {
     `--iodepth=${job.iodepth}`,
     `--size=${job.sizeBytes}`,
     '--numjobs=1',
+    // One process (the job is a thread): fio's forked job processes call setsid and can outlive a killed parent.
+    '--thread',
     '--norandommap',
     '--randrepeat=0',
     '--output-format=json',

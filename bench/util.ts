@@ -11,12 +11,12 @@ const children = new Set<ChildProcess>();
 const tempDirs = new Set<string>();
 let handlersInstalled = false;
 
-/** Synchronous last-resort cleanup: kill our children (by pid), remove our temp folders. */
+/** Synchronous last-resort cleanup: kill our children (their process groups), remove our temp folders. */
 export function cleanupNow(): void {
   for (const c of children) {
     if (c.exitCode === null && c.pid !== undefined) {
       try {
-        process.kill(c.pid, 'SIGKILL');
+        process.kill(-c.pid, 'SIGKILL'); // its process group (fio's job processes too)
       } catch {
         // already gone
       }
