@@ -117,6 +117,13 @@ interface RemapItem {
 
 const MEDIA_RETRY_LIMIT_DEFAULT = 2;
 
+/** Anything thrown inside the engine, as the RemapError a client is answered with. */
+function asRemapError(err: unknown, device: string): RemapError {
+  if (err instanceof RemapError) return err;
+  if (err instanceof RangeError) return new RemapError(ERRNO.EINVAL, err.message, { device });
+  return new RemapError(ERRNO.EIO, `internal error: ${err instanceof Error ? err.message : String(err)}`, { device }, { cause: err });
+}
+
 /**
  * BlockEngine turns block requests into backing I/O, redirects bad blocks to
  * the spare and keeps the mapping durable. Every frontend (NBD, ublk) talks to
@@ -246,34 +253,101 @@ export class BlockEngine {
    * far as the request asked); rejects with a RemapError whose errno is what
    * the client gets on the wire.
    */
-  async submit(req: EngineRequest): Promise<void> {
-    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
-      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: req.op });
-    }
-    if (req.op !== 'flush') this.validateRange(req);
-    this.inFlightRequests++;
+  submit(req: EngineRequest): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.submitCb(req, (err) => (err === null ? resolve() : reject(err)));
+    });
+  }
+
+  /**
+   * Callback form of submit(), for frontends on the hot path: a plain read
+   * or write of blocks that are neither remapped nor pending costs one
+   * backing I/O and no promise at all.
+   */
+  submitCb(req: EngineRequest, done: (err: RemapError | null) => void): void {
+    let buf: Uint8Array | undefined;
     try {
-      switch (req.op) {
-        case 'read':
-          return await this.doRead(req.offset, req.length, this.requireBuffer(req));
-        case 'write':
-          return await this.doWrite(req.offset, req.length, this.requireBuffer(req), req.fua === true);
-        case 'flush':
-          return await this.doFlush();
-        case 'discard':
-          return await this.doDiscard(req.offset, req.length);
-        case 'writeZeroes':
-          return await this.doWriteZeroes(req.offset, req.length, req.fua === true);
-        default: {
-          const op: never = req.op;
-          throw new RemapError(ERRNO.EINVAL, `unknown operation ${String(op)}`, { device: this.name });
-        }
+      if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+        throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: req.op });
       }
-    } finally {
-      if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) {
-        const waiters = this.drainWaiters;
-        this.drainWaiters = [];
-        for (const w of waiters) w();
+      if (req.op !== 'flush') this.validateRange(req);
+      if (req.op === 'read' || req.op === 'write') {
+        buf = this.requireBuffer(req);
+        if (req.op === 'write') this.requireWritable('write');
+      }
+    } catch (err) {
+      queueMicrotask(() => done(asRemapError(err, this.name)));
+      return;
+    }
+    this.inFlightRequests++;
+    const finish = (err: RemapError | null): void => {
+      if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) this.wakeDrainers();
+      done(err);
+    };
+    if (buf !== undefined && this.directTarget(req)) {
+      this.fastPath(req, buf, finish);
+      return;
+    }
+    this.slowPath(req, buf).then(() => finish(null), (err: unknown) => finish(asRemapError(err, this.name)));
+  }
+
+  /**
+   * Whether a read/write can go straight to main: nothing in its range is
+   * remapped (or, for writes, pending). Single blocks are checked with one
+   * lookup; longer ranges with one range probe.
+   */
+  private directTarget(req: EngineRequest): boolean {
+    if (this.table.size === 0 && (req.op === 'read' || this.pending.size === 0)) return true;
+    const first = req.offset / this.blockSize;
+    const end = first + req.length / this.blockSize;
+    if (this.table.size > 0 && this.table.nextInRange(first, end) >= 0) return false;
+    return req.op === 'read' || this.pending.size === 0 || this.pending.nextInRange(first, end) < 0;
+  }
+
+  private fastPath(req: EngineRequest, buf: Uint8Array, finish: (err: RemapError | null) => void): void {
+    const { offset, length } = req;
+    const bs = this.blockSize;
+    if (req.op === 'read') {
+      this.stats.reads++;
+      this.main.submit(BackingOp.READ, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, 0, (res) => {
+        if (res === length) {
+          this.stats.bytesRead += length;
+          finish(null);
+          return;
+        }
+        this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main')
+          .then(() => { this.stats.bytesRead += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
+      });
+      return;
+    }
+    this.stats.writes++;
+    const fua = req.fua === true;
+    this.main.submit(BackingOp.WRITE, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, fua ? IO_FUA : 0, (res) => {
+      if (res === length) {
+        this.stats.bytesWritten += length;
+        finish(null);
+        return;
+      }
+      this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua)
+        .then(() => { this.stats.bytesWritten += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
+    });
+  }
+
+  private slowPath(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
+    switch (req.op) {
+      case 'read':
+        return this.doRead(req.offset, req.length, buf as Uint8Array);
+      case 'write':
+        return this.doWrite(req.offset, req.length, buf as Uint8Array, req.fua === true);
+      case 'flush':
+        return this.doFlush();
+      case 'discard':
+        return this.doDiscard(req.offset, req.length);
+      case 'writeZeroes':
+        return this.doWriteZeroes(req.offset, req.length, req.fua === true);
+      default: {
+        const op: never = req.op;
+        return Promise.reject(new RemapError(ERRNO.EINVAL, `unknown operation ${String(op)}`, { device: this.name }));
       }
     }
   }
@@ -343,15 +417,7 @@ export class BlockEngine {
 
   private async doRead(offset: number, length: number, buf: Uint8Array): Promise<void> {
     this.stats.reads++;
-    const bs = this.blockSize;
-    if (this.table.size === 0) {
-      // Hot path: nothing remapped, one backing read.
-      const res = await this.main.io(BackingOp.READ, buf.subarray(0, length), offset, length);
-      if (res !== length) await this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main');
-      this.stats.bytesRead += length;
-      return;
-    }
-    const extents = planRange(this.table, offset, length, bs);
+    const extents = planRange(this.table, offset, length, this.blockSize);
     if (extents.length === 1) await this.readExtent(extents[0], buf);
     else await Promise.all(extents.map((e) => this.readExtent(e, buf)));
     this.stats.bytesRead += length;
@@ -430,14 +496,6 @@ export class BlockEngine {
 
   private async doWrite(offset: number, length: number, buf: Uint8Array, fua: boolean): Promise<void> {
     this.stats.writes++;
-    this.requireWritable('write');
-    const bs = this.blockSize;
-    if (this.table.size === 0 && this.pending.size === 0) {
-      const res = await this.main.io(BackingOp.WRITE, buf.subarray(0, length), offset, length, fua ? IO_FUA : 0);
-      if (res !== length) await this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua);
-      this.stats.bytesWritten += length;
-      return;
-    }
     const extents = this.planWrite(offset, length);
     if (extents.length === 1) await this.writeExtent(extents[0], buf, fua);
     else await Promise.all(extents.map((e) => this.writeExtent(e, buf, fua)));
