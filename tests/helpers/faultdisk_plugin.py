@@ -1,0 +1,321 @@
+# nbdkit python plugin: a file-backed disk with injectable faults.
+#
+# Used by tests/helpers/faultdisk.ts. Run as:
+#   nbdkit -s python faultdisk_plugin.py file=IMG size=BYTES control=JSON socket=SOCK
+#
+# control (JSON, replaced atomically by the test helper):
+#   {"bad": {"read": [[off, len], ...], "write": [[off, len], ...]},
+#    "hang": "none" | "all" | "writes",
+#    "delayMs": {"read": N, "write": N}}
+# The file is re-read whenever its (inode, mtime, size) changes; a request
+# checks that with one stat() call. The helper also sends "reload" on the
+# control socket so a change is applied before setBad()/setHang() resolve.
+#
+# socket: a unix socket served by a background thread, one line per request:
+#   "hello"  -> {"pid": nbdkit pid}
+#   "stats"  -> counters
+#   "reload" -> re-read the control file now, then {"ok": true}
+#
+# A request overlapping a bad range fails whole with EIO (the granularity is
+# the NBD request, i.e. whatever nbdfuse sends for one FUSE request).
+# Reads check bad.read; writes, zero and trim check bad.write. Flush never
+# fails. While hang is "all", every data request and flush blocks; while it
+# is "writes", pwrite/zero/trim/flush block and reads pass.
+
+import builtins
+import bisect
+import ctypes
+import errno
+import json
+import os
+import socket
+import threading
+import time
+
+import nbdkit
+
+API_VERSION = 2
+
+_cfg = {"file": None, "size": None, "control": None, "socket": None}
+_fd = -1
+_lock = threading.Lock()
+_control_key = None
+_state = {
+    "read": ([], []),   # (starts, ends), merged and sorted
+    "write": ([], []),
+    "hang": "none",
+    "delay_read": 0.0,
+    "delay_write": 0.0,
+}
+_stats = {
+    "reads": 0, "writes": 0, "flushes": 0, "trims": 0, "zeros": 0,
+    "readBytes": 0, "writeBytes": 0,
+    "readErrors": 0, "writeErrors": 0,
+    "blocked": 0,
+}
+
+
+def _merge(ranges):
+    spans = sorted((int(o), int(o) + int(n)) for o, n in ranges if int(n) > 0)
+    starts, ends = [], []
+    for s, e in spans:
+        if ends and s <= ends[-1]:
+            if e > ends[-1]:
+                ends[-1] = e
+        else:
+            starts.append(s)
+            ends.append(e)
+    return (starts, ends)
+
+
+def _load_control(force=False):
+    global _control_key
+    path = _cfg["control"]
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if not force and key == _control_key:
+        return
+    with _lock:
+        if not force and key == _control_key:
+            return
+        with builtins.open(path, "r") as f:
+            doc = json.load(f)
+        bad = doc.get("bad") or {}
+        delay = doc.get("delayMs") or {}
+        _state["read"] = _merge(bad.get("read") or [])
+        _state["write"] = _merge(bad.get("write") or [])
+        _state["hang"] = doc.get("hang") or "none"
+        _state["delay_read"] = float(delay.get("read") or 0) / 1000.0
+        _state["delay_write"] = float(delay.get("write") or 0) / 1000.0
+        _control_key = key
+
+
+def _overlaps(kind, offset, count):
+    starts, ends = _state[kind]
+    i = bisect.bisect_left(starts, offset + count) - 1
+    return i >= 0 and ends[i] > offset
+
+
+def _count(name, n=1):
+    with _lock:
+        _stats[name] += n
+
+
+def _wait_while_hung(is_write):
+    _load_control()
+    if not _hung(is_write):
+        return
+    _count("blocked", 1)
+    try:
+        while True:
+            time.sleep(0.005)
+            _load_control()
+            if not _hung(is_write):
+                return
+    finally:
+        _count("blocked", -1)
+
+
+def _hung(is_write):
+    h = _state["hang"]
+    return h == "all" or (h == "writes" and is_write)
+
+
+def _fail_eio():
+    nbdkit.set_error(errno.EIO)
+    raise OSError(errno.EIO, "faultdisk: injected I/O error")
+
+
+# ---- control socket -------------------------------------------------------
+
+def _serve_control(sock):
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(5)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            cmd = data.decode().strip()
+            if cmd == "hello":
+                reply = {"pid": os.getpid()}
+            elif cmd == "stats":
+                with _lock:
+                    reply = dict(_stats)
+            elif cmd == "reload":
+                _load_control(force=True)
+                reply = {"ok": True}
+            else:
+                reply = {"error": "unknown command: " + cmd}
+            conn.sendall((json.dumps(reply) + "\n").encode())
+        except Exception as e:  # keep serving whatever one client did
+            try:
+                conn.sendall((json.dumps({"error": str(e)}) + "\n").encode())
+            except OSError:
+                pass
+        finally:
+            conn.close()
+
+
+# ---- nbdkit callbacks ------------------------------------------------------
+
+def config(key, value):
+    if key not in _cfg:
+        raise RuntimeError("faultdisk: unknown parameter " + key)
+    _cfg[key] = value
+
+
+def config_complete():
+    for k in ("file", "size", "control", "socket"):
+        if _cfg[k] is None:
+            raise RuntimeError("faultdisk: missing parameter " + k + "=")
+    _cfg["size"] = int(_cfg["size"])
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    global _fd
+    _fd = os.open(_cfg["file"], os.O_RDWR)
+    _load_control(force=True)
+    path = _cfg["socket"]
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    t = threading.Thread(target=_serve_control, args=(sock,), daemon=True)
+    t.start()
+
+
+def open(readonly):
+    return {}
+
+
+def get_size(h):
+    return _cfg["size"]
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    _wait_while_hung(False)
+    _count("reads")
+    n = len(buf)
+    if _state["delay_read"] > 0:
+        time.sleep(_state["delay_read"])
+    if _overlaps("read", offset, n):
+        _count("readErrors")
+        _fail_eio()
+    done = 0
+    while done < n:
+        chunk = os.pread(_fd, n - done, offset + done)
+        if not chunk:  # past the end of a shorter backing file: zeros
+            buf[done:n] = bytes(n - done)
+            break
+        buf[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    _count("readBytes", n)
+
+
+def _write_checks(name, offset, count):
+    _wait_while_hung(True)
+    _count(name)
+    if _state["delay_write"] > 0:
+        time.sleep(_state["delay_write"])
+    if _overlaps("write", offset, count):
+        _count("writeErrors")
+        _fail_eio()
+
+
+def _fua(flags):
+    if flags & nbdkit.FLAG_FUA:
+        os.fdatasync(_fd)
+
+
+def pwrite(h, buf, offset, flags):
+    n = len(buf)
+    _write_checks("writes", offset, n)
+    view = memoryview(buf)
+    done = 0
+    while done < n:
+        done += os.pwrite(_fd, view[done:], offset + done)
+    _count("writeBytes", n)
+    _fua(flags)
+
+
+def _write_zeros(count, offset):
+    block = bytes(min(count, 1 << 20))
+    done = 0
+    while done < count:
+        m = min(len(block), count - done)
+        done += os.pwrite(_fd, block[:m], offset + done)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _punch(count, offset):
+    rc = _libc.fallocate(_fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                         offset, count)
+    if rc != 0:
+        _write_zeros(count, offset)
+
+
+def zero(h, count, offset, flags):
+    _write_checks("zeros", offset, count)
+    if flags & nbdkit.FLAG_MAY_TRIM:
+        _punch(count, offset)
+    else:
+        _write_zeros(count, offset)
+    _fua(flags)
+
+
+def trim(h, count, offset, flags):
+    _write_checks("trims", offset, count)
+    _punch(count, offset)
+    _fua(flags)
+
+
+def flush(h, flags):
+    _wait_while_hung(True)
+    _count("flushes")
+    os.fdatasync(_fd)
