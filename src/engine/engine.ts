@@ -116,6 +116,8 @@ interface RemapItem {
 }
 
 const MEDIA_RETRY_LIMIT_DEFAULT = 2;
+/** Manual remaps share one data sync and one commit per group of this many blocks. */
+const MANUAL_REMAP_GROUP = 256;
 
 /** Anything thrown inside the engine, as the RemapError a client is answered with. */
 function asRemapError(err: unknown, device: string): RemapError {
@@ -661,34 +663,44 @@ export class BlockEngine {
       const records: MetaRecord[] = [];
       const newlyBad: number[] = [];
       const placed: Array<{ logical: number; spare: number; old: number }> = [];
-      for (const item of items) {
-        const old = this.table.get(item.logical);
-        let tries = 0;
-        for (;;) {
-          const spare = this.allocateSpare(item.logical, why);
+      // Write every block's data to a fresh spare block at once; the ones
+      // whose spare block fails go round again with another spare block.
+      let todo = items.map((item) => ({ item, old: this.table.get(item.logical), tries: 0 }));
+      while (todo.length > 0) {
+        const attempts = todo.map((t) => {
+          const spare = this.allocateSpare(t.item.logical, why);
           allocated.push(spare);
-          const r = await bounded(this.spare.io(BackingOp.WRITE, item.data, this.spareOffset(spare), this.blockSize), 'spare data write', item.logical);
+          return { ...t, spare };
+        });
+        const results = await Promise.all(attempts.map((a) =>
+          bounded(this.spare.io(BackingOp.WRITE, a.item.data, this.spareOffset(a.spare), this.blockSize), 'spare data write', a.item.logical)));
+        const again: typeof todo = [];
+        attempts.forEach((a, i) => {
+          const r = results[i];
           if (r === this.blockSize) {
-            records.push({ type: RecordType.REMAP, logical: item.logical, spare, dataCrc: crc32c(item.data) });
-            placed.push({ logical: item.logical, spare, old });
-            break;
+            records.push({ type: RecordType.REMAP, logical: a.item.logical, spare: a.spare, dataCrc: crc32c(a.item.data) });
+            placed.push({ logical: a.item.logical, spare: a.spare, old: a.old });
+            return;
           }
-          if (r >= 0 || classifyErrno(r) === 'media') {
-            records.push({ type: RecordType.SPARE_BAD, logical: 0, spare, dataCrc: 0 });
-            newlyBad.push(spare);
-            this.log.warn({ event: 'spare-bad', block: item.logical, spare, errno: errnoName(r < 0 ? r : -ERRNO.EIO) },
-              `spare block ${spare} failed a write; trying another`);
-            if (++tries > this.spareWriteRetries) {
-              throw new RemapError(ERRNO.EIO, `spare write failed ${tries} times in a row`, { device: this.name, op: why, block: item.logical });
-            }
-            continue;
+          if (r < 0 && classifyErrno(r) !== 'media') {
+            throw this.nonMediaError(r, why, { target: 'spare', block: a.item.logical, offset: this.spareOffset(a.spare) });
           }
-          throw this.nonMediaError(r, why, { target: 'spare', block: item.logical, offset: this.spareOffset(spare) });
-        }
-        if (old >= 0 && !this.badSpare.has(old) && !newlyBad.includes(old)) {
+          records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: a.spare, dataCrc: 0 });
+          newlyBad.push(a.spare);
+          this.log.warn({ event: 'spare-bad', block: a.item.logical, spare: a.spare, errno: errnoName(r < 0 ? r : -ERRNO.EIO) },
+            `spare block ${a.spare} failed a write; trying another`);
+          if (a.tries + 1 > this.spareWriteRetries) {
+            throw new RemapError(ERRNO.EIO, `spare write failed ${a.tries + 1} times in a row`, { device: this.name, op: why, block: a.item.logical });
+          }
+          again.push({ item: a.item, old: a.old, tries: a.tries + 1 });
+        });
+        todo = again;
+      }
+      for (const p of placed) {
+        if (p.old >= 0 && !this.badSpare.has(p.old) && !newlyBad.includes(p.old)) {
           // The old spare block of a re-remapped block failed us: never use it again.
-          records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: old, dataCrc: 0 });
-          newlyBad.push(old);
+          records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: p.old, dataCrc: 0 });
+          newlyBad.push(p.old);
         }
       }
       const sync = await bounded(this.spare.io(BackingOp.FDATASYNC, null, 0, 0), 'spare fdatasync', items[0].logical);
@@ -748,65 +760,102 @@ export class BlockEngine {
   /**
    * Operator-requested remap: copy the block's data to the spare while it is
    * still readable, commit, and serve it from the spare from then on. An
-   * unreadable block is not invented: it becomes pending instead.
+   * unreadable block is not invented: it becomes pending instead. Blocks are
+   * read concurrently and remapped in groups that share one data sync and
+   * one metadata commit.
    */
   async remapBlocks(blocks: number[]): Promise<ManualRemapResult[]> {
     if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
       throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: 'remap' });
     }
     this.requireWritable('remap');
-    const bs = this.blockSize;
-    const out: ManualRemapResult[] = [];
+    const out = new Array<ManualRemapResult>(blocks.length);
+    const firstIndex = new Map<number, number>();
     this.inFlightRequests++;
     try {
-      for (const block of blocks) {
-        if (!Number.isSafeInteger(block) || block < 0 || block >= this.blocks) {
-          out.push({ block, result: 'failed', errno: ERRNO.EINVAL, reason: `block ${block} is outside the device (0..${this.blocks - 1})` });
-          continue;
-        }
-        const existing = this.table.get(block);
-        if (existing >= 0 && !this.badSpare.has(existing)) {
-          out.push({ block, result: 'already-remapped', spare: existing });
-          continue;
-        }
-        const data = allocAligned(bs);
-        let ok = false;
-        let last = 0;
-        for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
-          last = existing >= 0
-            ? await this.spare.io(BackingOp.READ, data, this.spareOffset(existing), bs)
-            : await this.main.io(BackingOp.READ, data, block * bs, bs);
-          ok = last === bs;
-        }
-        if (!ok) {
-          const errno = last < 0 ? -last : ERRNO.EIO;
-          if (classifyErrno(-errno) !== 'media') {
-            out.push({ block, result: 'failed', errno, reason: `reading block ${block} failed: ${errnoName(errno)}` });
-            continue;
+      for (let i = 0; i < blocks.length; i += MANUAL_REMAP_GROUP) {
+        const group: Array<{ index: number; block: number }> = [];
+        for (let j = i; j < Math.min(blocks.length, i + MANUAL_REMAP_GROUP); j++) {
+          const block = blocks[j];
+          if (!Number.isSafeInteger(block) || block < 0 || block >= this.blocks) {
+            out[j] = { block, result: 'failed', errno: ERRNO.EINVAL, reason: `block ${block} is outside the device (0..${this.blocks - 1})` };
+          } else if (firstIndex.has(block)) {
+            continue; // a repeat: answered from the first occurrence below
+          } else {
+            firstIndex.set(block, j);
+            group.push({ index: j, block });
           }
-          try {
-            if (!this.pending.has(block)) {
-              await this.commit([{ type: RecordType.PENDING_ADD, logical: block, spare: 0, dataCrc: 0 }]);
-              this.pending.add(block);
-            }
-            out.push({ block, result: 'pending', reason: `block ${block} is unreadable (${errnoName(errno)}); it is remapped on its next write` });
-          } catch (err) {
-            out.push({ block, result: 'failed', errno: ERRNO.EIO, reason: String(err) });
-          }
-          continue;
         }
-        try {
-          const [placed] = await this.remapWithData([{ logical: block, data }], 'manual');
-          out.push({ block, result: 'remapped', spare: placed.spare });
-        } catch (err) {
-          const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
-          out.push({ block, result: 'failed', errno, reason: err instanceof Error ? err.message : String(err) });
-        }
+        await this.remapGroup(group, out);
       }
     } finally {
       if (--this.inFlightRequests === 0) this.wakeDrainers();
     }
+    for (let j = 0; j < blocks.length; j++) {
+      if (out[j] !== undefined) continue;
+      const first = out[firstIndex.get(blocks[j]) as number];
+      out[j] = first.result === 'remapped' ? { block: blocks[j], result: 'already-remapped', spare: first.spare } : { ...first };
+    }
     return out;
+  }
+
+  private async remapGroup(group: Array<{ index: number; block: number }>, out: ManualRemapResult[]): Promise<void> {
+    const bs = this.blockSize;
+    const readable: Array<{ index: number; block: number; data: Buffer }> = [];
+    const unreadable: Array<{ index: number; block: number; errno: number }> = [];
+    await Promise.all(group.map(async ({ index, block }) => {
+      const existing = this.table.get(block);
+      if (existing >= 0 && !this.badSpare.has(existing)) {
+        out[index] = { block, result: 'already-remapped', spare: existing };
+        return;
+      }
+      const data = allocAligned(bs);
+      let last = 0;
+      for (let attempt = 0; attempt < this.readRetries; attempt++) {
+        last = existing >= 0
+          ? await this.spare.io(BackingOp.READ, data, this.spareOffset(existing), bs)
+          : await this.main.io(BackingOp.READ, data, block * bs, bs);
+        if (last === bs) {
+          readable.push({ index, block, data });
+          return;
+        }
+      }
+      const errno = last < 0 ? -last : ERRNO.EIO;
+      if (classifyErrno(-errno) !== 'media') {
+        out[index] = { block, result: 'failed', errno, reason: `reading block ${block} failed: ${errnoName(errno)}` };
+      } else {
+        unreadable.push({ index, block, errno });
+      }
+    }));
+    if (unreadable.length > 0) {
+      const records: MetaRecord[] = unreadable.filter((u) => !this.pending.has(u.block))
+        .map((u) => ({ type: RecordType.PENDING_ADD, logical: u.block, spare: 0, dataCrc: 0 }));
+      try {
+        if (records.length > 0) await this.commit(records);
+        for (const u of unreadable) {
+          this.pending.add(u.block);
+          out[u.index] = { block: u.block, result: 'pending', reason: `block ${u.block} is unreadable (${errnoName(u.errno)}); it is remapped on its next write` };
+        }
+      } catch (err) {
+        for (const u of unreadable) out[u.index] = { block: u.block, result: 'failed', errno: ERRNO.EIO, reason: String(err) };
+      }
+    }
+    // Never start a group the spare cannot hold: the blocks past the free
+    // count fail alone with ENOSPC instead of failing the whole group.
+    const fits = readable.slice(0, this.allocator.free);
+    for (const r of readable.slice(fits.length)) {
+      this.spareExhausted = true;
+      out[r.index] = { block: r.block, result: 'failed', errno: ERRNO.ENOSPC, reason: `spare exhausted (${this.allocator.total} blocks in use); cannot remap block ${r.block}` };
+    }
+    if (fits.length === 0) return;
+    try {
+      const placed = await this.remapWithData(fits.map((r) => ({ logical: r.block, data: r.data })), 'manual');
+      const spareOf = new Map(placed.map((p) => [p.logical, p.spare]));
+      for (const r of fits) out[r.index] = { block: r.block, result: 'remapped', spare: spareOf.get(r.block) as number };
+    } catch (err) {
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      for (const r of fits) out[r.index] = { block: r.block, result: 'failed', errno, reason: err instanceof Error ? err.message : String(err) };
+    }
   }
 
   private wakeDrainers(): void {
