@@ -38,7 +38,15 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
+/**
+ * The folder of this module's sources. Compiled copies (dist/tests/helpers,
+ * used by the demo) have no .py files beside them: use the sources then.
+ */
+const HERE = ((): string => {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  if (existsSync(path.join(here, 'faultdisk_plugin.py'))) return here;
+  return path.resolve(here, '../../../tests/helpers');
+})();
 /** The nbdkit python plugin script. */
 export const PLUGIN_PATH = path.join(HERE, 'faultdisk_plugin.py');
 /** A python script doing one aligned O_DIRECT read or write, reporting the errno name. */
