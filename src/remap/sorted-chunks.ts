@@ -130,6 +130,29 @@ export class SortedChunks {
     return key < to ? key : -1;
   }
 
+  /**
+   * Every key, ascending, in one new array: a point-in-time copy that later
+   * mutations do not touch. One memcpy per chunk (a few ms at 1M entries),
+   * so a caller can take a consistent snapshot synchronously and walk it
+   * later, across macrotasks.
+   */
+  copyKeys(): Float64Array {
+    return this.copyFrom(this.keys);
+  }
+
+  /** Concatenates the live part of each chunk of `arrays` (keys or values). */
+  protected copyFrom(arrays: readonly Float64Array[]): Float64Array {
+    const out = new Float64Array(this.count);
+    let at = 0;
+    for (let c = 0; c < this.nChunks; c++) {
+      const len = this.lens[c];
+      const a = arrays[c];
+      out.set(len === a.length ? a : a.subarray(0, len), at);
+      at += len;
+    }
+    return out;
+  }
+
   /** Bytes held by this store: typed-array elements plus an estimate of per-object overhead. */
   memoryBytes(): number {
     const arraysPerChunk = this.withValues ? 2 : 1;

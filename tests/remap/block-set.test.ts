@@ -55,6 +55,30 @@ describe('BlockSet against a Set model', () => {
     });
   }
 
+  for (const chunkCapacity of [4, 8, 512]) {
+    it(`copyKeys() equals values() and is unaffected by later changes (chunkCapacity ${chunkCapacity})`, () => {
+      fc.assert(
+        fc.property(fc.array(op, { maxLength: 400 }), fc.array(op, { maxLength: 50 }), (ops, later) => {
+          const set = new BlockSet({ chunkCapacity });
+          for (const o of ops) {
+            if (o.op === 'add') set.add(o.block);
+            else if (o.op === 'delete') set.delete(o.block);
+          }
+          const want = [...set.values()];
+          const copy = set.copyKeys();
+          expect(copy).toBeInstanceOf(Float64Array);
+          expect(Array.from(copy)).toEqual(want);
+          for (const o of later) {
+            if (o.op === 'add') set.add(o.block);
+            else if (o.op === 'delete') set.delete(o.block);
+          }
+          expect(Array.from(copy)).toEqual(want);
+        }),
+        { numRuns: chunkCapacity === 512 ? 100 : 300 },
+      );
+    });
+  }
+
   it('rejects blocks that are not non-negative safe integers', () => {
     const set = new BlockSet();
     for (const bad of [-1, 0.5, Number.NaN, 2 ** 53]) expect(() => set.add(bad)).toThrow(RangeError);

@@ -70,6 +70,55 @@ describe('RemapTable against a Map model', () => {
     });
   }
 
+  for (const chunkCapacity of [4, 8, 512]) {
+    it(`copyEntries() equals entries() and is unaffected by later changes (chunkCapacity ${chunkCapacity})`, () => {
+      fc.assert(
+        fc.property(fc.array(op, { maxLength: 400 }), fc.array(op, { maxLength: 50 }), (ops, later) => {
+          const table = new RemapTable({ chunkCapacity });
+          for (const o of ops) {
+            if (o.op === 'set') table.set(o.key, o.value);
+            else if (o.op === 'delete') table.delete(o.key);
+          }
+          const want = [...table.entries()];
+          const { keys, values } = table.copyEntries();
+          expect(keys).toBeInstanceOf(Float64Array);
+          expect(values).toBeInstanceOf(Float64Array);
+          expect(Array.from(keys)).toEqual(want.map(([k]) => k));
+          expect(Array.from(values)).toEqual(want.map(([, v]) => v));
+          expect(Array.from(table.copyKeys())).toEqual(want.map(([k]) => k));
+          for (const o of later) {
+            if (o.op === 'set') table.set(o.key, o.value);
+            else if (o.op === 'delete') table.delete(o.key);
+          }
+          // a point-in-time copy: later changes do not show through
+          expect(Array.from(keys)).toEqual(want.map(([k]) => k));
+          expect(Array.from(values)).toEqual(want.map(([, v]) => v));
+        }),
+        { numRuns: chunkCapacity === 512 ? 100 : 300 },
+      );
+    });
+  }
+
+  it('copyEntries() of 1M entries is a few ms', () => {
+    const n = 1_000_000;
+    const table = new RemapTable();
+    for (let i = 0; i < n; i++) table.set(i * 3 + 1, i);
+    for (let i = 0; i < n; i += 7) table.delete(i * 3 + 1); // partly filled chunks
+    let best = Infinity;
+    let copy = table.copyEntries();
+    for (let r = 0; r < 5; r++) {
+      const t0 = performance.now();
+      copy = table.copyEntries();
+      best = Math.min(best, performance.now() - t0);
+    }
+    expect(copy.keys.length).toBe(table.size);
+    for (let i = 0; i < copy.keys.length; i += 9973) expect(table.get(copy.keys[i])).toBe(copy.values[i]);
+    expect(copy.keys[0]).toBe(4);
+    expect(copy.values[copy.values.length - 1]).toBe(n - 2);
+    console.log(`[remap perf] copyEntries() of ${table.size} entries: ${best.toFixed(2)} ms`);
+    expect(best).toBeLessThan(50); // generous for CI; ~3-8 ms on a laptop
+  });
+
   it('keeps its invariants through bulk inserts and deletes in random order', () => {
     fc.assert(
       fc.property(fc.uniqueArray(fc.nat(5000), { minLength: 1, maxLength: 1500 }), fc.boolean(), (keys, ascending) => {
