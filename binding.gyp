@@ -5,7 +5,8 @@
       "sources": [
         "native/addon.cc",
         "native/backing.cc",
-        "native/aligned.cc"
+        "native/aligned.cc",
+        "native/sys.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

@@ -3,6 +3,7 @@
 
 #include "aligned.h"
 #include "backing.h"
+#include "sys.h"
 
 namespace {
 // Never unmap this library: a worker_thread's environment unloads its addons
@@ -21,6 +22,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   PinLibrary();
   exports.Set("allocAligned", Napi::Function::New(env, dmr::AllocAligned, "allocAligned"));
   dmr::NativeBacking::Init(env, exports);
+  dmr::InitSys(env, exports);
   return exports;
 }
 }  // namespace
