@@ -1,0 +1,373 @@
+/**
+ * DeviceManager: the add/remove lifecycle of remapped devices. Each device is
+ * a BlockEngine plus (optionally) an NBD export. Added devices are remembered
+ * in `<stateDir>/devices.json` and reassembled at the next start.
+ */
+import { realpath } from 'node:fs/promises';
+import { isAbsolute } from 'node:path';
+import type { Logger } from 'pino';
+import type { BlockEngine, CloseReport, EngineStatus, ManualRemapResult } from '../engine/engine.js';
+import type { OpenEngineOptions } from '../engine/open.js';
+import { ERRNO, RemapError } from '../errors.js';
+import { ControlError, DEVICE_NAME, errorBody, type ControlErrorBody } from './protocol.js';
+import { StateFile, type DeviceSpec } from './state.js';
+
+export type { DeviceSpec } from './state.js';
+
+/** The part of an NBD export the manager uses (NbdExport satisfies it). */
+export interface ExportHandle {
+  readonly endpoints: string[];
+  connectionCount(): number;
+  close(deadlineMs: number): Promise<{ connectionsClosed: number }>;
+}
+
+/** Starts the export of a device, or returns null when the spec asks for none. */
+export type ExportStarter = (engine: BlockEngine, spec: DeviceSpec, logger: Logger) => Promise<ExportHandle | null>;
+export type EngineOpener = (o: OpenEngineOptions) => Promise<BlockEngine>;
+
+export type DeviceState = 'starting' | 'running' | 'stopping' | 'failed';
+
+interface Entry {
+  spec: DeviceSpec;
+  state: 'starting' | 'running' | 'stopping' | 'failed';
+  engine?: BlockEngine;
+  exp?: ExportHandle | null;
+  /** Why the device could not be assembled (state 'failed' without an engine). */
+  error?: ControlErrorBody;
+  /** Resolved main and spare paths, for the in-use check. */
+  paths: string[];
+}
+
+export interface DeviceStatus {
+  name: string;
+  state: DeviceState;
+  main: string;
+  spare: string | null;
+  spareTailBytes: number | null;
+  exports: string[];
+  connections: number;
+  sizeBytes: number | null;
+  blockSize: number | null;
+  openMode: 'direct' | 'buffered' | null;
+  remappedBlocks: number | null;
+  pendingBlocks: number | null;
+  badSpareBlocks: number | null;
+  quarantinedSpareBlocks: number | null;
+  spareBlocksTotal: number | null;
+  spareBlocksUsed: number | null;
+  spareExhausted: boolean | null;
+  breakerTripped: boolean | null;
+  readErrors: number | null;
+  writeErrors: number | null;
+  metadataSeq: number | null;
+  inFlight: number | null;
+  failReason: string | null;
+  error: ControlErrorBody | null;
+  stats: EngineStatus['stats'] | null;
+}
+
+export interface RemoveReport {
+  name: string;
+  deadlineMs: number;
+  elapsedMs: number;
+  /** The removal did not finish within the deadline; what remains runs in the background. */
+  timedOut: boolean;
+  connectionsClosed: number;
+  requestsAbandoned: number;
+  ioCancelled: number;
+  ioAbandoned: number;
+  metadataAborted: boolean;
+  synced: boolean;
+  /** Human summary of what was cancelled. */
+  cancelled: string[];
+}
+
+export interface DeviceManagerOptions {
+  stateDir: string;
+  logger: Logger;
+  openEngine: EngineOpener;
+  startExport: ExportStarter;
+  /** Metadata timeout when a spec gives none (5000). */
+  defaultMetadataTimeoutMs?: number;
+}
+
+/** Extra time past the deadline the removal may take before remove() answers anyway. */
+const REMOVE_SLACK_MS = 500;
+
+export class DeviceManager {
+  private readonly devices = new Map<string, Entry>();
+  /** Names whose removal timed out: not re-addable until their close settles. */
+  private readonly draining = new Map<string, Promise<unknown>>();
+  private readonly state: StateFile;
+  private readonly log: Logger;
+  private shuttingDown = false;
+
+  constructor(private readonly o: DeviceManagerOptions) {
+    this.state = new StateFile(o.stateDir);
+    this.log = o.logger;
+  }
+
+  get size(): number {
+    return this.devices.size;
+  }
+
+  private timeoutOf(spec: DeviceSpec): number {
+    return spec.metadataTimeoutMs ?? this.o.defaultMetadataTimeoutMs ?? 5000;
+  }
+
+  private persist(): Promise<void> {
+    const specs = [...this.devices.values()].map((e) => e.spec);
+    return this.state.save(specs);
+  }
+
+  private get(name: string): Entry {
+    const e = this.devices.get(name);
+    if (e === undefined) throw new ControlError('UNKNOWN_DEVICE', `no device named "${name}"`);
+    return e;
+  }
+
+  /**
+   * Adds and starts a device. `format` formats a spare that has no metadata.
+   * Persisted in devices.json unless `persist` is false (reassembly).
+   */
+  async add(spec: DeviceSpec, opts: { format?: boolean; persist?: boolean } = {}): Promise<DeviceStatus> {
+    if (this.shuttingDown) throw new ControlError('SHUTTING_DOWN', 'dm-remapd is shutting down');
+    if (!DEVICE_NAME.test(spec.name)) {
+      throw new ControlError('BAD_REQUEST', `device name "${spec.name}" is invalid: use 1-64 letters, digits, '.', '_' or '-'`);
+    }
+    for (const [key, p] of [['main', spec.main], ['spare', spec.spare]] as const) {
+      if (p !== undefined && !isAbsolute(p)) throw new ControlError('BAD_REQUEST', `add: argument "${key}" must be an absolute path, got "${p}"`);
+    }
+    const existing = this.devices.get(spec.name);
+    if (existing !== undefined) {
+      throw new ControlError('DEVICE_EXISTS', `device "${spec.name}" already exists (state ${existing.state}, main ${existing.spec.main}); remove it first`);
+    }
+    if (this.draining.has(spec.name)) {
+      throw new ControlError('BUSY', `device "${spec.name}" is still draining I/O from its last removal; try again later`);
+    }
+    const paths = await this.resolvePaths(spec);
+    for (const [other, e] of this.devices) {
+      const clash = paths.find((p) => e.paths.includes(p));
+      if (clash !== undefined) throw new ControlError('BUSY', `${clash} is already used by device "${other}"`);
+    }
+    const entry: Entry = { spec, state: 'starting', paths };
+    this.devices.set(spec.name, entry);
+    const log = this.log.child({ device: spec.name });
+    try {
+      const engine = await this.o.openEngine({
+        name: spec.name,
+        mainPath: spec.main,
+        sparePath: spec.spare,
+        spareTailBytes: spec.spareTailBytes,
+        format: opts.format === true,
+        blockSize: spec.blockSize,
+        metadataTimeoutMs: this.timeoutOf(spec),
+        allowIdentityChange: spec.allowIdentityChange,
+        readOnly: spec.readOnly,
+        logger: this.log, // the engine adds the device to its own log lines
+      });
+      entry.engine = engine;
+      try {
+        entry.exp = await this.o.startExport(engine, spec, log);
+      } catch (err) {
+        await engine.close(this.timeoutOf(spec)).catch(() => undefined);
+        throw err;
+      }
+    } catch (err) {
+      this.devices.delete(spec.name);
+      log.error({ event: 'add-failed', error: errorBody(err) }, `device ${spec.name} could not be added: ${errorBody(err).message}`);
+      throw err;
+    }
+    if (entry.state === 'starting') entry.state = 'running';
+    if (opts.persist !== false) await this.persist();
+    log.info({ event: 'added', main: spec.main, spare: spec.spare ?? null, spareTailBytes: spec.spareTailBytes ?? null, exports: entry.exp?.endpoints ?? [] },
+      `device ${spec.name} added`);
+    return this.statusOf(entry);
+  }
+
+  private async resolvePaths(spec: DeviceSpec): Promise<string[]> {
+    const out: string[] = [];
+    for (const [role, p] of [['main', spec.main], ['spare', spec.spare]] as const) {
+      if (p === undefined) continue;
+      try {
+        out.push(await realpath(p));
+      } catch (e) {
+        const errno = (e as { code?: string }).code === 'ENOENT' ? ERRNO.ENOENT : ERRNO.EIO;
+        throw new RemapError(errno, `${role} ${p} cannot be opened: ${(e as Error).message}`, { device: spec.name, op: 'add' });
+      }
+    }
+    return out;
+  }
+
+  /** Reassembles the devices remembered in devices.json. A device that fails stays listed as failed. */
+  async reassemble(): Promise<{ started: number; failed: number }> {
+    const specs = await this.state.load();
+    let started = 0;
+    let failed = 0;
+    for (const spec of specs) {
+      try {
+        await this.add(spec, { persist: false });
+        started++;
+      } catch (err) {
+        failed++;
+        const error = errorBody(err);
+        this.devices.set(spec.name, { spec, state: 'failed', error, paths: [] });
+        this.log.error({ event: 'reassemble-failed', device: spec.name, main: spec.main, spare: spec.spare ?? null, error },
+          `device ${spec.name} could not be reassembled: ${error.message}; the other devices are still served`);
+      }
+    }
+    return { started, failed };
+  }
+
+  list(): DeviceStatus[] {
+    return [...this.devices.values()].map((e) => this.statusOf(e));
+  }
+
+  status(name: string): DeviceStatus {
+    return this.statusOf(this.get(name));
+  }
+
+  private statusOf(e: Entry): DeviceStatus {
+    const s = e.engine?.status();
+    let state: DeviceState = e.state;
+    if (s !== undefined && state === 'running' && s.state === 'failed') state = 'failed';
+    return {
+      name: e.spec.name,
+      state,
+      main: e.spec.main,
+      spare: e.spec.spare ?? null,
+      spareTailBytes: e.spec.spareTailBytes ?? null,
+      exports: e.exp?.endpoints ?? [],
+      connections: e.exp?.connectionCount() ?? 0,
+      sizeBytes: s?.sizeBytes ?? null,
+      blockSize: s?.blockSize ?? null,
+      openMode: s?.openMode ?? null,
+      remappedBlocks: s?.remappedBlocks ?? null,
+      pendingBlocks: s?.pendingBlocks ?? null,
+      badSpareBlocks: s?.badSpareBlocks ?? null,
+      quarantinedSpareBlocks: s?.quarantinedSpareBlocks ?? null,
+      spareBlocksTotal: s?.spareBlocksTotal ?? null,
+      spareBlocksUsed: s?.spareBlocksUsed ?? null,
+      spareExhausted: s?.spareExhausted ?? null,
+      breakerTripped: s?.breakerTripped ?? null,
+      readErrors: s?.stats.readErrors ?? null,
+      writeErrors: s?.stats.writeErrors ?? null,
+      metadataSeq: s?.metadataSeq ?? null,
+      inFlight: s?.inFlight ?? null,
+      failReason: s?.failReason ?? e.error?.message ?? null,
+      error: e.error ?? null,
+      stats: s?.stats ?? null,
+    };
+  }
+
+  async remap(name: string, blocks: number[]): Promise<ManualRemapResult[]> {
+    const e = this.get(name);
+    if (e.engine === undefined || e.state !== 'running') {
+      throw new ControlError(e.state === 'failed' ? 'IO_ERROR' : 'BUSY', `device "${name}" is ${e.state}${e.error ? ` (${e.error.message})` : ''}; cannot remap`);
+    }
+    const results = await e.engine.remapBlocks(blocks);
+    this.log.info({ event: 'manual-remap', device: name, blocks: blocks.length, remapped: results.filter((r) => r.result === 'remapped').length },
+      `manual remap of ${blocks.length} block(s) on ${name}`);
+    return results;
+  }
+
+  /**
+   * Removes a device within one deadline (default: its metadata timeout):
+   * stop the export, close the engine with the time that remains. Always
+   * answers within the deadline plus REMOVE_SLACK_MS.
+   */
+  async remove(name: string, timeoutMs?: number, opts: { persist?: boolean } = {}): Promise<RemoveReport> {
+    const e = this.get(name);
+    if (e.state === 'starting') throw new ControlError('BUSY', `device "${name}" is still starting; try again when it is running`);
+    if (e.state === 'stopping') throw new ControlError('BUSY', `device "${name}" is already being removed`);
+    const deadlineMs = timeoutMs ?? this.timeoutOf(e.spec);
+    const started = Date.now();
+    const log = this.log.child({ device: name });
+    const base: RemoveReport = {
+      name, deadlineMs, elapsedMs: 0, timedOut: false, connectionsClosed: 0, requestsAbandoned: 0,
+      ioCancelled: 0, ioAbandoned: 0, metadataAborted: false, synced: false, cancelled: [],
+    };
+    if (e.engine === undefined) {
+      // Never assembled: only forget it.
+      this.devices.delete(name);
+      if (opts.persist !== false) await this.persist();
+      log.info({ event: 'removed', ...base }, `device ${name} removed (it was not assembled)`);
+      return base;
+    }
+    e.state = 'stopping';
+    const engine = e.engine;
+    const exp = e.exp ?? null;
+    const report = { ...base };
+    const work = (async (): Promise<void> => {
+      if (exp !== null) {
+        const r = await exp.close(deadlineMs).catch((err: unknown) => {
+          log.warn({ event: 'export-close-failed', error: errorBody(err) }, 'closing the export failed');
+          return { connectionsClosed: 0 };
+        });
+        report.connectionsClosed = r.connectionsClosed;
+      }
+      const remaining = Math.max(0, deadlineMs - (Date.now() - started));
+      const c: CloseReport = await engine.close(remaining);
+      report.requestsAbandoned = c.requestsAbandoned;
+      report.ioCancelled = c.ioCancelled;
+      report.ioAbandoned = c.ioAbandoned;
+      report.metadataAborted = c.metadataAborted;
+      report.synced = c.synced;
+    })();
+    let timer: NodeJS.Timeout | undefined;
+    const hardStop = new Promise<'timeout'>((resolve) => {
+      timer = setTimeout(() => resolve('timeout'), deadlineMs + REMOVE_SLACK_MS);
+    });
+    let outcome: 'done' | 'timeout' | 'error';
+    let failure: unknown;
+    try {
+      outcome = await Promise.race([work.then(() => 'done' as const), hardStop]);
+    } catch (err) {
+      outcome = 'error';
+      failure = err;
+    } finally {
+      clearTimeout(timer);
+    }
+    this.devices.delete(name);
+    if (outcome === 'timeout') {
+      report.timedOut = true;
+      const settle = work.catch(() => undefined).finally(() => {
+        this.draining.delete(name);
+        log.info({ event: 'drained' }, `device ${name}: late I/O of the removal has settled`);
+      });
+      this.draining.set(name, settle);
+    }
+    report.elapsedMs = Date.now() - started;
+    if (report.connectionsClosed > 0) report.cancelled.push(`${report.connectionsClosed} NBD connection(s) closed`);
+    if (report.requestsAbandoned > 0) report.cancelled.push(`${report.requestsAbandoned} request(s) abandoned (answered ESHUTDOWN)`);
+    if (report.ioCancelled > 0) report.cancelled.push(`${report.ioCancelled} backing I/O(s) cancelled`);
+    if (report.ioAbandoned > 0) report.cancelled.push(`${report.ioAbandoned} backing I/O(s) abandoned in the kernel`);
+    if (report.metadataAborted) report.cancelled.push('a pending metadata commit was aborted');
+    if (report.timedOut) report.cancelled.push(`removal exceeded its ${deadlineMs} ms deadline; the rest continues in the background`);
+    if (opts.persist !== false) await this.persist();
+    if (outcome === 'error') {
+      log.error({ event: 'remove-failed', error: errorBody(failure), ...report }, `device ${name} removal failed`);
+      throw failure;
+    }
+    log.info({ event: 'removed', ...report }, `device ${name} removed in ${report.elapsedMs} ms`);
+    return report;
+  }
+
+  /**
+   * Daemon shutdown: removes every device (they are all NBD-only) within
+   * `timeoutMs` each, in parallel, without forgetting them in devices.json.
+   */
+  async shutdown(timeoutMs?: number): Promise<RemoveReport[]> {
+    this.shuttingDown = true;
+    const names = [...this.devices.keys()];
+    const reports = await Promise.all(names.map(async (n) => {
+      try {
+        return await this.remove(n, timeoutMs, { persist: false });
+      } catch (err) {
+        this.log.error({ event: 'shutdown-remove-failed', device: n, error: errorBody(err) }, `device ${n} could not be removed cleanly`);
+        return null;
+      }
+    }));
+    return reports.filter((r): r is RemoveReport => r !== null);
+  }
+}
