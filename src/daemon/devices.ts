@@ -168,7 +168,7 @@ export class DeviceManager {
       });
       entry.engine = engine;
       try {
-        entry.exp = await this.o.startExport(engine, spec, log);
+        entry.exp = await this.o.startExport(engine, spec, this.log);
       } catch (err) {
         await engine.close(this.timeoutOf(spec)).catch(() => undefined);
         throw err;
@@ -192,8 +192,9 @@ export class DeviceManager {
       try {
         out.push(await realpath(p));
       } catch (e) {
-        const errno = (e as { code?: string }).code === 'ENOENT' ? ERRNO.ENOENT : ERRNO.EIO;
-        throw new RemapError(errno, `${role} ${p} cannot be opened: ${(e as Error).message}`, { device: spec.name, op: 'add' });
+        const code = (e as { code?: string }).code;
+        const errno = code !== undefined && code in ERRNO ? ERRNO[code as keyof typeof ERRNO] : ERRNO.EIO;
+        throw new RemapError(errno, errno === ERRNO.ENOENT ? `${role} ${p} does not exist` : `${role} ${p} cannot be resolved`, { device: spec.name, op: 'add' });
       }
     }
     return out;

@@ -1,0 +1,327 @@
+#!/usr/bin/env node
+/**
+ * remapctl: the operator's interface to dm-remapd (docs/OPERATION.md).
+ */
+import { resolve } from 'node:path';
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import type { DeviceStatus, RemoveReport } from '../daemon/devices.js';
+import { parseHostPort, type ErrorCode } from '../daemon/protocol.js';
+import type { ManualRemapResult } from '../engine/engine.js';
+import { RemapError } from '../errors.js';
+import { codeForErrno } from '../daemon/protocol.js';
+import { RequestError, UnreachableError, request } from './client.js';
+import { formatInspect, inspectPath } from './inspect.js';
+import { formatSize, parseSize } from './size.js';
+
+export const EXIT = {
+  OK: 0,
+  FAILED: 1,
+  USAGE: 2,
+  UNREACHABLE: 3,
+  NO_DEVICE: 4,
+  IN_USE: 5,
+  DENIED: 6,
+  METADATA: 7,
+  NOT_FOUND: 8,
+} as const;
+
+const EXIT_HELP = `
+Exit codes:
+  0  success
+  1  the operation failed (I/O error, timeout, a block that could not be remapped)
+  2  usage error (unknown option, bad size, bad block number, request refused as malformed)
+  3  dm-remapd is not running or its control socket cannot be reached
+  4  no device of that name
+  5  in use: the device name exists, main/spare belongs to another device, the device is busy, or the daemon is stopping
+  6  permission denied (control socket: root or the control group only; or a file's permissions)
+  7  metadata refused: spare without metadata (use --format), spare of another main, or corrupt metadata
+  8  a main or spare path does not exist
+
+Environment:
+  DM_REMAPD_SOCKET  control socket (default /run/dm-remapd/control.sock)
+`;
+
+export function exitCodeFor(code: ErrorCode): number {
+  switch (code) {
+    case 'BAD_REQUEST':
+    case 'UNKNOWN_COMMAND':
+    case 'INVALID_ARGUMENT':
+      return EXIT.USAGE;
+    case 'UNKNOWN_DEVICE':
+      return EXIT.NO_DEVICE;
+    case 'DEVICE_EXISTS':
+    case 'BUSY':
+    case 'SHUTTING_DOWN':
+      return EXIT.IN_USE;
+    case 'PERMISSION_DENIED':
+      return EXIT.DENIED;
+    case 'NO_METADATA':
+    case 'IDENTITY_MISMATCH':
+    case 'CORRUPT_METADATA':
+      return EXIT.METADATA;
+    case 'NOT_FOUND':
+      return EXIT.NOT_FOUND;
+    default:
+      return EXIT.FAILED;
+  }
+}
+
+interface Globals {
+  socket: string;
+  json?: boolean;
+}
+
+function sizeArg(v: string): number {
+  try {
+    return parseSize(v);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
+}
+
+function intArg(what: string, min: number, max: number): (v: string) => number {
+  return (v: string) => {
+    const n = /^\d+$/.test(v) ? Number(v) : NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${what} must be an integer in ${min}..${max}, got "${v}"`);
+    return n;
+  };
+}
+
+function blockSizeArg(v: string): number {
+  if (v !== '4096' && v !== '512') throw new InvalidArgumentError(`block size must be 4096 or 512, got "${v}"`);
+  return Number(v);
+}
+
+function hostPortArg(v: string): string {
+  if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
+  return v;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
+}
+
+function n(v: number | null): string {
+  return v === null ? '-' : String(v);
+}
+
+function statusTable(devs: DeviceStatus[]): string {
+  if (devs.length === 0) return 'no devices';
+  const rows = [['NAME', 'STATE', 'MODE', 'SIZE', 'BS', 'REMAPPED', 'PENDING', 'SPARE USED', 'RERR', 'WERR', 'SEQ', 'EXPORTS']];
+  for (const d of devs) {
+    rows.push([d.name, d.state, d.openMode ?? '-', formatSize(d.sizeBytes), n(d.blockSize), n(d.remappedBlocks), n(d.pendingBlocks),
+      d.spareBlocksTotal === null ? '-' : `${d.spareBlocksUsed}/${d.spareBlocksTotal}`, n(d.readErrors), n(d.writeErrors), n(d.metadataSeq),
+      d.exports.length > 0 ? d.exports.join(',') : '-']);
+  }
+  return table(rows);
+}
+
+function statusDetail(d: DeviceStatus): string {
+  const kv: Array<[string, string]> = [
+    ['name', d.name], ['state', d.state], ['main', d.main],
+    ['spare', d.spare ?? (d.spareTailBytes !== null ? `tail of main, ${d.spareTailBytes} bytes` : '-')],
+    ['open mode', d.openMode ?? '-'], ['size', d.sizeBytes === null ? '-' : `${d.sizeBytes} bytes (${formatSize(d.sizeBytes)})`],
+    ['block size', n(d.blockSize)], ['remapped blocks', n(d.remappedBlocks)], ['pending blocks', n(d.pendingBlocks)],
+    ['bad spare blocks', n(d.badSpareBlocks)], ['quarantined spare blocks', n(d.quarantinedSpareBlocks)],
+    ['spare blocks', d.spareBlocksTotal === null ? '-' : `${d.spareBlocksUsed} used of ${d.spareBlocksTotal}${d.spareExhausted ? ' (EXHAUSTED)' : ''}`],
+    ['read errors', n(d.readErrors)], ['write errors', n(d.writeErrors)], ['metadata seq', n(d.metadataSeq)],
+    ['exports', d.exports.length > 0 ? d.exports.join(', ') : '-'], ['connections', String(d.connections)],
+  ];
+  if (d.breakerTripped === true) kv.push(['breaker', 'TRIPPED']);
+  if (d.failReason !== null) kv.push(['fail reason', d.failReason]);
+  const w = Math.max(...kv.map(([k]) => k.length)) + 1;
+  return kv.map(([k, v]) => `${`${k}:`.padEnd(w)} ${v}`).join('\n');
+}
+
+function remapLine(device: string, r: ManualRemapResult): string {
+  switch (r.result) {
+    case 'remapped':
+      return `${device}: block ${r.block} remapped to spare block ${r.spare}`;
+    case 'already-remapped':
+      return `${device}: block ${r.block} already remapped (spare block ${r.spare})`;
+    case 'pending':
+      return `${device}: block ${r.block} not remapped: ${r.reason}`;
+    default:
+      return `${device}: block ${r.block} failed: ${r.reason}`;
+  }
+}
+
+function removeSummary(r: RemoveReport): string {
+  const head = `removed ${r.name} in ${r.elapsedMs} ms (deadline ${r.deadlineMs} ms)${r.synced ? ', final sync done' : ', no final sync'}`;
+  return r.cancelled.length === 0 ? `${head}; nothing was cancelled` : `${head}; cancelled: ${r.cancelled.join('; ')}`;
+}
+
+class Output {
+  code: number = EXIT.OK;
+  constructor(readonly json: boolean) {}
+  print(human: string, data: unknown): void {
+    process.stdout.write(this.json ? `${JSON.stringify(data, null, 2)}\n` : `${human}\n`);
+  }
+}
+
+function buildProgram(out: { current: Output | null }): Command {
+  const defaultSocket = process.env.DM_REMAPD_SOCKET !== undefined && process.env.DM_REMAPD_SOCKET !== ''
+    ? process.env.DM_REMAPD_SOCKET : '/run/dm-remapd/control.sock';
+  const program = new Command('remapctl')
+    .description('Control dm-remapd: add, remove, list, status, remap, inspect')
+    .option('--socket <path>', 'control socket of dm-remapd (env DM_REMAPD_SOCKET)', defaultSocket)
+    .option('--json', 'machine-readable output')
+    .exitOverride()
+    .showHelpAfterError('(run remapctl --help for usage)')
+    .addHelpText('after', EXIT_HELP);
+
+  const ctx = (cmd: Command): { g: Globals; o: Output } => {
+    const g = cmd.optsWithGlobals<Globals>();
+    const o = new Output(g.json === true);
+    out.current = o;
+    return { g, o };
+  };
+
+  program.command('add')
+    .description('add a device (reopens existing metadata; formats a blank spare only with --format)')
+    .argument('<name>', 'device name')
+    .requiredOption('--main <path>', 'main (failing) disk or image')
+    .option('--spare <path>', 'separate spare disk or file')
+    .option('--spare-tail <size>', 'use a reserved tail of main as the spare (K/M/G suffixes)', sizeArg)
+    .option('--format', 'format a spare that has no metadata (never overwrites existing metadata)')
+    .option('--block-size <bytes>', 'remap unit: 4096 (default) or 512', blockSizeArg)
+    .option('--nbd-unix <path>', 'export over NBD on this unix socket')
+    .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
+    .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
+    .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
+    .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
+      nbdTcp?: string; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
+      const { g, o } = ctx(cmd);
+      if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
+        throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
+      }
+      const args: Record<string, unknown> = { name, main: resolve(opts.main) };
+      if (opts.spare !== undefined) args.spare = resolve(opts.spare);
+      if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
+      if (opts.format === true) args.format = true;
+      if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
+      if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
+      if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
+      if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
+      if (opts.allowIdentityChange === true) args.allowIdentityChange = true;
+      const d = (await request(g.socket, 'add', args, 600_000)) as DeviceStatus;
+      o.print(`added ${d.name}: ${formatSize(d.sizeBytes)}, block size ${d.blockSize}, ${d.remappedBlocks} remapped, ${d.pendingBlocks} pending, `
+        + `spare ${d.spareBlocksUsed}/${d.spareBlocksTotal} blocks used, ${d.openMode}${d.exports.length > 0 ? `; exports: ${d.exports.join(', ')}` : ''}`, d);
+    });
+
+  program.command('remove')
+    .description('remove a device within one deadline (default: its metadata timeout)')
+    .argument('<name>', 'device name')
+    .option('--timeout <ms>', 'deadline for the whole removal', intArg('timeout', 0, 3_600_000))
+    .action(async (name: string, opts: { timeout?: number }, cmd: Command) => {
+      const { g, o } = ctx(cmd);
+      const args: Record<string, unknown> = { name };
+      if (opts.timeout !== undefined) args.timeoutMs = opts.timeout;
+      const r = (await request(g.socket, 'remove', args, (opts.timeout ?? 60_000) + 5_000)) as RemoveReport;
+      o.print(removeSummary(r), r);
+      if (r.timedOut) o.code = EXIT.FAILED;
+    });
+
+  program.command('list')
+    .description('list devices')
+    .action(async (_opts: unknown, cmd: Command) => {
+      const { g, o } = ctx(cmd);
+      const devs = (await request(g.socket, 'list', {}, 30_000)) as DeviceStatus[];
+      const rows = [['NAME', 'STATE', 'SIZE', 'MAIN', 'EXPORTS']];
+      for (const d of devs) rows.push([d.name, d.state, formatSize(d.sizeBytes), d.main, d.exports.join(',') || '-']);
+      o.print(devs.length === 0 ? 'no devices' : table(rows), devs);
+    });
+
+  program.command('status')
+    .description('status of one device or of all')
+    .argument('[name]', 'device name')
+    .action(async (name: string | undefined, _opts: unknown, cmd: Command) => {
+      const { g, o } = ctx(cmd);
+      if (name === undefined) {
+        const devs = (await request(g.socket, 'status', {}, 30_000)) as DeviceStatus[];
+        o.print(statusTable(devs), devs);
+      } else {
+        const d = (await request(g.socket, 'status', { name }, 30_000)) as DeviceStatus;
+        o.print(statusDetail(d), d);
+      }
+    });
+
+  program.command('remap')
+    .description('remap blocks by hand (live): their data is copied to the spare')
+    .argument('<name>', 'device name')
+    .argument('<block...>', 'logical block numbers (in units of the block size)')
+    .action(async (name: string, blocksText: string[], _opts: unknown, cmd: Command) => {
+      const { g, o } = ctx(cmd);
+      const blocks = blocksText.map((b) => {
+        if (!/^\d+$/.test(b) || !Number.isSafeInteger(Number(b))) {
+          throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `remap ${name}: "${b}" is not a block number (a non-negative integer)`);
+        }
+        return Number(b);
+      });
+      const r = (await request(g.socket, 'remap', { name, blocks }, 600_000)) as { name: string; results: ManualRemapResult[] };
+      o.print(r.results.map((x) => remapLine(name, x)).join('\n'), r);
+      if (r.results.some((x) => x.result === 'failed' || x.result === 'pending')) o.code = EXIT.FAILED;
+    });
+
+  program.command('inspect')
+    .description('decode the metadata of a spare offline (no daemon needed)')
+    .argument('<spare>', 'spare file or device (or, with --spare-tail, the main that holds the tail)')
+    .option('--spare-tail <size>', 'the spare is the last SIZE bytes of this path (K/M/G suffixes)', sizeArg)
+    .action(async (path: string, opts: { spareTail?: number }, cmd: Command) => {
+      const { o } = ctx(cmd);
+      const r = await inspectPath(resolve(path), opts.spareTail);
+      o.print(formatInspect(r), r);
+      if (!r.ok) {
+        const code = codeForErrno(r.error?.errno ?? 5);
+        o.code = exitCodeFor(code);
+        process.stderr.write(`remapctl: inspect ${path}: ${r.error?.message ?? 'metadata not usable'}\n`);
+      }
+    });
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const out: { current: Output | null } = { current: null };
+  const program = buildProgram(out);
+  const json = argv.includes('--json');
+  try {
+    await program.parseAsync(argv);
+    return out.current?.code ?? EXIT.OK;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' || err.exitCode === 0) return EXIT.OK;
+      if (err.code === 'remapctl.usage') process.stderr.write(`remapctl: ${err.message}\n`);
+      return EXIT.USAGE;
+    }
+    let code: number;
+    let body: { code: string; message: string; errno?: number };
+    if (err instanceof UnreachableError) {
+      code = err.denied ? EXIT.DENIED : EXIT.UNREACHABLE;
+      body = { code: err.denied ? 'PERMISSION_DENIED' : 'UNREACHABLE', message: err.message };
+    } else if (err instanceof RequestError) {
+      code = exitCodeFor(err.body.code);
+      body = err.body;
+    } else if (err instanceof RemapError) {
+      const c = codeForErrno(err.errno);
+      code = exitCodeFor(c);
+      body = { code: c, message: err.message, errno: err.errno };
+    } else {
+      code = EXIT.FAILED;
+      body = { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) };
+    }
+    process.stderr.write(`remapctl: ${body.message}\n`);
+    if (json) process.stdout.write(`${JSON.stringify({ ok: false, error: body }, null, 2)}\n`);
+    return code;
+  }
+}
+
+main(process.argv).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    process.stderr.write(`remapctl: internal error: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+    process.exitCode = 1;
+  },
+);
