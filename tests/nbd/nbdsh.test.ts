@@ -4,12 +4,13 @@
  * replies with DF, out-of-order replies and multi-conn.
  */
 import { afterEach, describe, expect, it } from 'vitest';
+import { existsSync } from 'node:fs';
 import type { EngineRequest } from '../../src/engine/engine.js';
 import type { RemapError } from '../../src/errors.js';
 import type { NbdBackend } from '../../src/frontends/nbd/index.js';
 import { have, nbdPython, startFixture, SYSTEM_PYTHON, type Fixture } from './nbd-fixtures.js';
 
-const ok = have('nbdsh') && have('python3') && SYSTEM_PYTHON !== '';
+const ok = have('nbdsh') && existsSync(SYSTEM_PYTHON);
 
 describe.skipIf(!ok)('NBD export via libnbd (nbdsh)', () => {
   let f: Fixture | null = null;

@@ -301,3 +301,43 @@ describe('NBD export lifecycle', () => {
     await f.close();
   });
 });
+
+describe('serveTransmission without a handshake (the kernel-client path)', () => {
+  it('serves a socket already in transmission and bounds the bytes in flight when the client does not read replies', async () => {
+    const f = await startFixture({ sizeMiB: 16 });
+    const { serveTransmission, newStats, transmissionFlags, exportView: view } = await import('../../src/frontends/nbd/index.js');
+    const stats = newStats();
+    let session: ReturnType<typeof serveTransmission> | null = null;
+    const path = join(f.dir, 'kernel.sock');
+    const srv = net.createServer({ allowHalfOpen: true }, (s) => {
+      session = serveTransmission(s, f.engine, {
+        flags: transmissionFlags(view(f.engine, false), false), structuredReplies: false,
+        logger: pino({ level: 'silent' }), stats, maxBytesInFlight: 1024 * 1024,
+      });
+    });
+    await new Promise<void>((r) => srv.listen(path, r));
+    const c = new Raw(path);
+    c.sock.pause(); // never read: replies pile up in the socket buffers
+    const burst = Buffer.concat(Array.from({ length: 2000 }, (_, i) => req(NbdCmd.READ, i + 1, 0, 65536)));
+    c.sock.write(burst);
+    await new Promise((r) => setTimeout(r, 500));
+    // 2000 x 64 KiB = 125 MiB asked for; the server stopped reading well before.
+    expect(stats.requests).toBeGreaterThan(0);
+    expect(stats.requests).toBeLessThan(2000);
+    c.sock.resume();
+    let got = 0;
+    for (let i = 0; i < 2000; i++) {
+      const r = await c.simpleReply();
+      expect(r.error).toBe(0);
+      await c.read(65536);
+      got++;
+    }
+    expect(got).toBe(2000);
+    expect(stats.requests).toBe(2000);
+    c.write(req(NbdCmd.DISC, 0, 0, 0));
+    await c.closed;
+    await (session as ReturnType<typeof serveTransmission> | null)?.closed;
+    await new Promise<void>((r) => srv.close(() => r()));
+    await f.close();
+  });
+});

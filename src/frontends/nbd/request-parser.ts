@@ -39,10 +39,17 @@ export class RequestParser {
     return this.stateValue === 'header' ? this.headFill : REQUEST_HEADER_BYTES + this.payloadFill;
   }
 
-  push(chunk: Uint8Array): ParsedEvent[] {
+  /** Bytes of the last push() that were used (less than the chunk when `maxEvents` stopped it). */
+  consumed = 0;
+
+  /**
+   * Parse bytes; stops after `maxEvents` events (the caller keeps the rest of
+   * the chunk, see `consumed`), so a caller can stop taking requests mid-chunk.
+   */
+  push(chunk: Uint8Array, maxEvents = Number.POSITIVE_INFINITY): ParsedEvent[] {
     const events: ParsedEvent[] = [];
     let at = 0;
-    while (at < chunk.length && this.stateValue !== 'failed') {
+    while (at < chunk.length && this.stateValue !== 'failed' && events.length < maxEvents) {
       if (this.stateValue === 'header') {
         const n = Math.min(REQUEST_HEADER_BYTES - this.headFill, chunk.length - at);
         this.head.set(chunk.subarray(at, at + n), this.headFill);
@@ -85,6 +92,7 @@ export class RequestParser {
         this.stateValue = 'header';
       }
     }
+    this.consumed = at;
     return events;
   }
 }

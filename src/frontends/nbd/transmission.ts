@@ -159,7 +159,10 @@ export class TransmissionSession {
     this.parser = new RequestParser((len) => this.pool.get(len), NBD_MAX_PAYLOAD);
     this.closed = new Promise((resolve) => { this.resolveClosed = resolve; });
 
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('data', (chunk: Buffer) => {
+      if (this.backlog !== null) this.backlog = Buffer.concat([this.backlog, chunk]);
+      else this.onData(chunk);
+    });
     socket.on('end', () => {
       if (this.parser.partialBytes > 0) this.log.warn({ partialBytes: this.parser.partialBytes }, 'connection ended inside a request');
       this.beginDrain('client closed the connection');
@@ -209,7 +212,18 @@ export class TransmissionSession {
 
   private onData(chunk: Uint8Array): void {
     if (this.stateValue !== 'serving' && this.stateValue !== 'closing') return;
-    for (const ev of this.parser.push(chunk)) {
+    // One request at a time, so that backpressure can stop us mid-chunk: the
+    // rest waits in `backlog` until requests complete.
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.paused) {
+        this.backlog = chunk.subarray(at);
+        return;
+      }
+      const events = this.parser.push(chunk.subarray(at), 1);
+      at += this.parser.consumed;
+      const ev = events[0];
+      if (ev === undefined) return;
       if (ev.kind === 'fatal') {
         this.log.warn({ reason: ev.reason }, 'protocol violation, disconnecting');
         this.beginDrain(`protocol violation: ${ev.reason}`);
@@ -222,7 +236,22 @@ export class TransmissionSession {
         return;
       }
       this.dispatch(ev.header, payloadBuf);
+      if (this.stateValue !== 'serving' && this.stateValue !== 'closing') return;
     }
+  }
+
+  /** Bytes received while paused; parsed before the socket is read again. */
+  private backlog: Uint8Array | null = null;
+
+  private resumeInput(): void {
+    // Deferred: release() may run deep inside a completion callback.
+    setImmediate(() => {
+      if (this.paused || (this.stateValue !== 'serving' && this.stateValue !== 'closing')) return;
+      const b = this.backlog;
+      this.backlog = null;
+      if (b !== null) this.onData(b);
+      if (!this.paused && this.backlog === null && (this.stateValue === 'serving' || this.stateValue === 'closing')) this.socket.resume();
+    });
   }
 
   private beginDrain(reason: string): void {
@@ -240,7 +269,7 @@ export class TransmissionSession {
       this.socket.pause();
     } else if (!over && this.paused) {
       this.paused = false;
-      if (this.stateValue === 'serving' || this.stateValue === 'closing') this.socket.resume();
+      this.resumeInput();
     }
   }
 
