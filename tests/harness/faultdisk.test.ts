@@ -44,14 +44,18 @@ async function readBacking(file: string, offset: number, length: number): Promis
 }
 
 function pidsOfPlugin(): number[] {
-  // processes whose command line names our plugin script (read-only look at /proc)
+  // our (this worker's) live processes whose command line names the plugin
+  // script (read-only look at /proc). nbdkit is a direct child of the test
+  // process; only children count, since other test files running in the
+  // other worker start their own fault disks at the same time.
   const out: number[] = [];
   for (const ent of readdirProc()) {
     try {
       const cmd = readFileSync(`/proc/${ent}/cmdline`, 'utf8');
       const stat = readFileSync(`/proc/${ent}/stat`, 'utf8');
-      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-      if (cmd.includes(PLUGIN_PATH) && state !== 'Z') out.push(Number(ent));
+      // after "(comm) ": state ppid ...
+      const [state, ppid] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (cmd.includes(PLUGIN_PATH) && state !== 'Z' && Number(ppid) === process.pid) out.push(Number(ent));
     } catch {
       // raced with exit
     }

@@ -1,7 +1,7 @@
 # nbdkit python plugin: a file-backed disk with injectable faults.
 #
 # Used by tests/helpers/faultdisk.ts. Run as:
-#   nbdkit -s python faultdisk_plugin.py file=IMG size=BYTES control=JSON socket=SOCK
+#   nbdkit -f -U NBD.sock python faultdisk_plugin.py file=IMG size=BYTES control=JSON socket=SOCK
 #
 # control (JSON, replaced atomically by the test helper):
 #   {"bad": {"read": [[off, len], ...], "write": [[off, len], ...]},
@@ -185,8 +185,21 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+_ctl_sock = None
+
+
 def get_ready():
-    global _fd
+    # Runs in nbdkit's main thread before it switches stdin/stdout to
+    # /dev/null (close(0); close(1); open() twice, expecting fds 0 and 1 back),
+    # which nbdkit does assuming it is still single-threaded. So no thread may
+    # be started here: a thread blocked in accept() has already reserved the
+    # lowest free fd in the kernel, and if it gets there between nbdkit's
+    # close(0) and open("/dev/null"), it takes fd 0, open() returns 1 and
+    # nbdkit dies with "open: Resource temporarily unavailable" (perror with
+    # a stale errno). Bind and listen here (so bind errors fail startup, and
+    # a client connecting as soon as the pidfile exists is queued in the
+    # backlog); start the serving thread in after_fork.
+    global _fd, _ctl_sock
     _fd = os.open(_cfg["file"], os.O_RDWR)
     _load_control(force=True)
     path = _cfg["socket"]
@@ -197,7 +210,13 @@ def get_ready():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(16)
-    t = threading.Thread(target=_serve_control, args=(sock,), daemon=True)
+    _ctl_sock = sock
+
+
+def after_fork():
+    # nbdkit calls this after switching stdio, forking (not with -f) and
+    # writing the pidfile: the place for background threads (nbdkit-plugin(3)).
+    t = threading.Thread(target=_serve_control, args=(_ctl_sock,), daemon=True)
     t.start()
 
 
