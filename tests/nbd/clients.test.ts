@@ -87,7 +87,7 @@ describe('NBD export with real clients', () => {
     const out = join(f.dir, 'fio.json');
     const r = await run('fio', [
       '--name=nbd', '--ioengine=nbd', `--uri=${f.uri}`, '--rw=randrw', '--bs=4k', '--iodepth=16', '--size=16m',
-      '--verify=crc32c', '--do_verify=1', '--numjobs=1', '--time_based=0', `--output=${out}`, '--output-format=json',
+      '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--numjobs=1', '--time_based=0', `--output=${out}`, '--output-format=json',
     ], { timeoutMs: 40_000 });
     expect(r.code, r.stderr + r.stdout).toBe(0);
     const j = JSON.parse(readFileSync(out, 'utf8')) as { jobs: Array<{ error: number; read: { io_bytes: number }; write: { io_bytes: number } }> };
