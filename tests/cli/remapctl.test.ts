@@ -2,6 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { copyFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FileMetaIO } from '../../src/metadata/io.js';
+import { formatSpare } from '../../src/metadata/store.js';
 import { cleanup, ctl, request, startDaemon, tempDir, type Daemon } from '../daemon/helpers.js';
 
 function img(path: string, size: number): string {
@@ -219,5 +221,23 @@ describe('remapctl without a daemon', () => {
     const r2 = await ctl(null, 'inspect', join(dir, 'missing.img'));
     expect(r2.code).toBe(8);
     expect(r2.stderr).toMatch(/missing\.img.*ENOENT/);
+    // A formatted spare whose copy-0 superblock is smashed: still readable (exit 0), the bad structure named.
+    const sp = img(join(dir, 'damaged.img'), 4 << 20);
+    const io = await FileMetaIO.open(sp);
+    await formatSpare(io, { areaOffset: 0, areaBytes: 4 << 20, blockSize: 4096, journalBytes: 64 * 1024, identity: { main: { kind: 'file', sizeBytes: 1 << 30, dev: 1, ino: 2, stableId: '' }, name: 'dm' } });
+    await io.write(0, new Uint8Array(4096).fill(0x5a));
+    await io.close();
+    const r3 = await ctl(null, 'inspect', sp);
+    expect(r3.code).toBe(0);
+    expect(r3.stdout).toMatch(/copy 0: +BAD/);
+    expect(r3.stdout).toMatch(/problem: +copy 0: superblock at offset 0 is bad/);
+    expect(r3.stdout).toMatch(/main: +file dev 1 inode 2, 1073741824 bytes/);
+    // Both superblocks smashed while the magic of other structures remains: refused (exit 7), never shown as empty.
+    const fh = await FileMetaIO.open(sp);
+    await fh.write((4 << 20) - 4096, new Uint8Array(4096).fill(0x5a));
+    await fh.close();
+    const r4 = await ctl(null, 'inspect', sp);
+    expect(r4.code, r4.stdout + r4.stderr).toBe(7);
+    expect(r4.stdout).toMatch(/NOT USABLE/);
   });
 });
