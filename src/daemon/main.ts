@@ -104,12 +104,16 @@ function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Rec
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);
-      return mgr.add(spec, { format });
+      const r = await mgr.add(spec, { format });
+      sdNotify(`STATUS=serving ${mgr.size} device(s)`);
+      return r;
     },
     remove: async (args) => {
       const name = argString('remove', args, 'name');
       const timeoutMs = argInt('remove', args, 'timeoutMs', 0, 3_600_000);
-      return mgr.remove(name, timeoutMs);
+      const r = await mgr.remove(name, timeoutMs);
+      sdNotify(`STATUS=serving ${mgr.size} device(s)`);
+      return r;
     },
     list: async () => mgr.list(),
     status: async (args) => {

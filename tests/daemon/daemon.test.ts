@@ -193,7 +193,7 @@ describe('systemd', () => {
       const d = await startDaemon(dir, { env: { NOTIFY_SOCKET: notify }, stateDir, sock: join(dir, `c${abstract ? 1 : 0}.sock`) });
       expect((await ctl(d.sock, 'add', 'n', '--main', m, '--spare-tail', '2M', '--format')).code).toBe(0);
       await new Promise((r) => setTimeout(r, 100));
-      expect(got).toMatch(/READY=1\nSTATUS=serving 0 device\(s\)/);
+      expect(got).toMatch(/READY=1\nSTATUS=serving 0 device\(s\)\nSTATUS=serving 1 device\(s\)/);
       expect(got).not.toMatch(/STOPPING=1/);
       expect(await d.stop('SIGTERM')).toBe(0);
       await rxDone;
