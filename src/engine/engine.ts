@@ -113,6 +113,12 @@ export interface EngineParts {
 interface RemapItem {
   logical: number;
   data: Uint8Array;
+  /**
+   * The spare block (-1: main) the block was on when the caller decided to
+   * remap it. If another remap moved it meanwhile, the data follows the new
+   * mapping instead of burning (and condemning) another spare block.
+   */
+  seen?: number;
 }
 
 const MEDIA_RETRY_LIMIT_DEFAULT = 2;
@@ -209,12 +215,24 @@ export class BlockEngine {
     return { flush: true, fua: true, discard: true, writeZeroes: true, readOnly: this.main.info.readOnly };
   }
 
-  /** Records describing the whole current state: the checkpoint snapshot. */
-  *snapshotRecords(): Iterable<MetaRecord> {
-    for (const [logical, spare] of this.table.entries()) yield { type: RecordType.REMAP, logical, spare, dataCrc: 0 };
-    for (const l of this.pending.values()) yield { type: RecordType.PENDING_ADD, logical: l, spare: 0, dataCrc: 0 };
-    for (const s of this.badSpare.values()) yield { type: RecordType.SPARE_BAD, logical: 0, spare: s, dataCrc: 0 };
-    for (const s of this.quarantined.values()) yield { type: RecordType.QUARANTINE, logical: 0, spare: s, dataCrc: 0 };
+  /**
+   * Records describing the whole current state: the checkpoint snapshot.
+   * The state is copied now (a few ms at 1M entries), so the records are a
+   * point-in-time view that the writer may walk over later macrotasks.
+   */
+  snapshotRecords(): Iterable<MetaRecord> {
+    const remaps = this.table.copyEntries();
+    const pending = this.pending.copyKeys();
+    const badSpare = this.badSpare.copyKeys();
+    const quarantined = this.quarantined.copyKeys();
+    return {
+      *[Symbol.iterator](): Iterator<MetaRecord> {
+        for (let i = 0; i < remaps.keys.length; i++) yield { type: RecordType.REMAP, logical: remaps.keys[i], spare: remaps.values[i], dataCrc: 0 };
+        for (const l of pending) yield { type: RecordType.PENDING_ADD, logical: l, spare: 0, dataCrc: 0 };
+        for (const s of badSpare) yield { type: RecordType.SPARE_BAD, logical: 0, spare: s, dataCrc: 0 };
+        for (const s of quarantined) yield { type: RecordType.QUARANTINE, logical: 0, spare: s, dataCrc: 0 };
+      },
+    };
   }
 
   /** Spare index of a logical block, or -1. */
@@ -449,6 +467,7 @@ export class BlockEngine {
       throw this.nonMediaError(res, 'read', { target, offset: first * bs });
     }
     const lost: number[] = [];
+    const failedSpare = new Map<number, number>();
     const records: MetaRecord[] = [];
     for (let i = 0; i < count; i++) {
       const logical = first + i;
@@ -469,12 +488,42 @@ export class BlockEngine {
       }
       if (ok) continue;
       lost.push(logical);
+      failedSpare.set(logical, spare);
       if (spare >= 0 && !this.badSpare.has(spare)) {
         records.push({ type: RecordType.SPARE_BAD, logical: 0, spare, dataCrc: 0 });
       }
       if (!this.pending.has(logical)) records.push({ type: RecordType.PENDING_ADD, logical, spare: 0, dataCrc: 0 });
     }
     if (lost.length === 0) return; // the retries read everything: a transient error
+    // A remap of these blocks may be under way (a concurrent writer): wait
+    // for it, and re-read what moved, so a freshly remapped block is never
+    // recorded as pending behind the remap's back.
+    const unlock = await this.lockBlocks(lost);
+    try {
+      await this.recordLost(lost, failedSpare, records, buf, bufOffset, first, res);
+    } finally {
+      unlock();
+    }
+  }
+
+  private async recordLost(lost: number[], failedSpare: Map<number, number>, records: MetaRecord[], buf: Uint8Array,
+    bufOffset: number, first: number, res: number): Promise<void> {
+    const bs = this.blockSize;
+    for (let i = lost.length - 1; i >= 0; i--) {
+      const logical = lost[i];
+      const spare = this.table.get(logical);
+      if (spare === failedSpare.get(logical)) continue;
+      const dst = buf.subarray(bufOffset + (logical - first) * bs, bufOffset + (logical - first + 1) * bs);
+      const r = spare >= 0
+        ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
+        : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
+      if (r !== bs) continue;
+      lost.splice(i, 1);
+      const was = failedSpare.get(logical) as number;
+      records = records.filter((rec) => !(rec.type === RecordType.PENDING_ADD && rec.logical === logical)
+        && !(rec.type === RecordType.SPARE_BAD && was >= 0 && rec.spare === was));
+    }
+    if (lost.length === 0) return;
     this.stats.readErrors++;
     if (records.length > 0) {
       try {
@@ -578,7 +627,7 @@ export class BlockEngine {
       if (r === bs) continue;
       const cls = classifyErrno(r < 0 ? r : -ERRNO.EIO);
       if (cls !== 'media') throw this.nonMediaError(r < 0 ? r : -ERRNO.EIO, 'write', { target: 'main', block: logical, offset: logical * bs });
-      bad.push({ logical, data });
+      bad.push({ logical, data, seen: -1 });
     }
     if (bad.length > 0) await this.remapWithData(bad, 'write-error');
   }
@@ -600,7 +649,7 @@ export class BlockEngine {
       const r = spare >= 0 ? await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
       if (r === bs) continue;
       if (r < 0 && classifyErrno(r) !== 'media') throw this.nonMediaError(r, 'write', { target: 'spare', block: logical, offset: this.spareOffset(spare) });
-      bad.push({ logical, data });
+      bad.push({ logical, data, seen: spare });
     }
     if (bad.length > 0) await this.remapWithData(bad, 'spare-write-error');
   }
@@ -660,6 +709,24 @@ export class BlockEngine {
       throw new RemapError(ERRNO.EIO, `${what} timed out after ${this.metadataTimeoutMs} ms`, { device: this.name, op: why, block });
     };
     try {
+      const followed: Array<{ logical: number; spare: number }> = [];
+      const fresh: RemapItem[] = [];
+      for (const item of items) {
+        const now = this.table.get(item.logical);
+        if (item.seen === undefined || now === item.seen || now < 0 || this.badSpare.has(now) || this.pending.has(item.logical)) {
+          fresh.push(item);
+          continue;
+        }
+        if (why === 'manual') {
+          followed.push({ logical: item.logical, spare: now }); // already moved: never copy stale data over it
+          continue;
+        }
+        const r = await bounded(this.spare.io(BackingOp.WRITE, item.data, this.spareOffset(now), this.blockSize), 'spare data write', item.logical);
+        if (r === this.blockSize) followed.push({ logical: item.logical, spare: now });
+        else fresh.push({ logical: item.logical, data: item.data });
+      }
+      if (fresh.length === 0) return followed;
+      items = fresh;
       const records: MetaRecord[] = [];
       const newlyBad: number[] = [];
       const placed: Array<{ logical: number; spare: number; old: number }> = [];
@@ -721,7 +788,7 @@ export class BlockEngine {
           `block ${p.logical} remapped to spare block ${p.spare} (${why})`);
       }
       allocated.length = 0;
-      return placed.map(({ logical, spare }) => ({ logical, spare }));
+      return [...followed, ...placed.map(({ logical, spare }) => ({ logical, spare }))];
     } catch (err) {
       this.quarantine(allocated);
       throw err;
@@ -801,7 +868,7 @@ export class BlockEngine {
 
   private async remapGroup(group: Array<{ index: number; block: number }>, out: ManualRemapResult[]): Promise<void> {
     const bs = this.blockSize;
-    const readable: Array<{ index: number; block: number; data: Buffer }> = [];
+    const readable: Array<{ index: number; block: number; data: Buffer; seen: number }> = [];
     const unreadable: Array<{ index: number; block: number; errno: number }> = [];
     await Promise.all(group.map(async ({ index, block }) => {
       const existing = this.table.get(block);
@@ -816,7 +883,7 @@ export class BlockEngine {
           ? await this.spare.io(BackingOp.READ, data, this.spareOffset(existing), bs)
           : await this.main.io(BackingOp.READ, data, block * bs, bs);
         if (last === bs) {
-          readable.push({ index, block, data });
+          readable.push({ index, block, data, seen: existing });
           return;
         }
       }
@@ -849,7 +916,7 @@ export class BlockEngine {
     }
     if (fits.length === 0) return;
     try {
-      const placed = await this.remapWithData(fits.map((r) => ({ logical: r.block, data: r.data })), 'manual');
+      const placed = await this.remapWithData(fits.map((r) => ({ logical: r.block, data: r.data, seen: r.seen })), 'manual');
       const spareOf = new Map(placed.map((p) => [p.logical, p.spare]));
       for (const r of fits) out[r.index] = { block: r.block, result: 'remapped', spare: spareOf.get(r.block) as number };
     } catch (err) {

@@ -89,6 +89,27 @@ describe('engine over a faulty main (nbdkit + nbdfuse)', () => {
     await e.close();
   });
 
+  it('concurrent writers and readers of one bad block: one remap, no good spare block condemned', async () => {
+    const e = await open({ mainPath: disk.path, sparePath, format: true });
+    await disk.setBad({ read: [range(500, 1)], write: [range(500, 1)] });
+    const writes = Array.from({ length: 8 }, (_, i) => pattern(1, 100 + i));
+    const reads = Array.from({ length: 8 }, () => e.submit({ op: 'read', offset: 500 * BS, length: BS, buffer: pattern(1, 0) }).then(() => 'ok', (x: { code: string }) => x.code));
+    const done = await Promise.all(writes.map((w) => e.submit({ op: 'write', offset: 500 * BS, length: BS, buffer: w })));
+    expect(done).toHaveLength(8);
+    for (const r of await Promise.all(reads)) expect(['ok', 'EIO']).toContain(r);
+    const st = e.status();
+    expect(st.remappedBlocks).toBe(1);
+    expect(st.badSpareBlocks).toBe(0);
+    expect(st.spareBlocksUsed).toBe(1);
+    expect(e.isPending(500)).toBe(false);
+    const got = await readBack(e, 500 * BS, BS);
+    expect(writes.some((w) => w.equals(got))).toBe(true);
+    await e.close();
+    const off = await offlineState(sparePath);
+    expect(off.state.pending.has(500)).toBe(false);
+    expect(off.doubleMapped).toEqual([]);
+  });
+
   it('the remap-rate breaker fails the device instead of burning the spare', async () => {
     const { logger, lines } = captureLogger();
     const e = await open({ mainPath: disk.path, sparePath, format: true, logger, breaker: { maxRemaps: 8, windowMs: 60_000 } });
