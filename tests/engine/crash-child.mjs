@@ -14,7 +14,8 @@ const log = openSync(logPath, 'w');
 const BS = 4096;
 const blocks = Number(blocksArg);
 let seed = Number(seedArg) >>> 0;
-const rand = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed; };
+// the high bits: an LCG's low bits have a short period
+const rand = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed >>> 16; };
 
 const engine = await openEngine({ name: 'crash', mainPath, sparePath, format: format === 'format', metadataTimeoutMs: 5000 });
 writeSync(1, 'READY\n');

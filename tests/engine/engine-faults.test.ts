@@ -19,7 +19,7 @@ describe('engine over a faulty main (nbdkit + nbdfuse)', () => {
     disk = await startFaultDisk({ dir, name: 'main', sizeBytes: MAIN_BYTES });
   });
   afterAll(async () => {
-    await disk.stop();
+    await disk?.stop();
     cleanup();
   });
   let n = 0;
@@ -139,7 +139,7 @@ describe('engine over a faulty spare', () => {
     spare = await startFaultDisk({ dir, name: 'spare', sizeBytes: 32 * 1024 * 1024 });
   });
   afterAll(async () => {
-    await spare.stop();
+    await spare?.stop();
     cleanup();
   });
   let n = 0;
