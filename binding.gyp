@@ -6,7 +6,8 @@
         "native/addon.cc",
         "native/backing.cc",
         "native/aligned.cc",
-        "native/sys.cc"
+        "native/sys.cc",
+        "native/nbd_attach.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

@@ -3,6 +3,7 @@
 
 #include "aligned.h"
 #include "backing.h"
+#include "nbd_attach.h"
 #include "sys.h"
 
 namespace {
@@ -23,6 +24,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("allocAligned", Napi::Function::New(env, dmr::AllocAligned, "allocAligned"));
   dmr::NativeBacking::Init(env, exports);
   dmr::InitSys(env, exports);
+  dmr::InitNbdAttach(env, exports);
   return exports;
 }
 }  // namespace

@@ -1,0 +1,1 @@
+export { attachNbdDevice, parseNbdDevice, type AttachOptions, type NbdKernelAttachment } from './attach.js';
