@@ -97,6 +97,11 @@ function hostPortArg(v: string): string {
   return v;
 }
 
+function nbdDeviceArg(v: string): string {
+  if (v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) throw new InvalidArgumentError(`expected /dev/nbdN or auto, got "${v}"`);
+  return v;
+}
+
 function table(rows: string[][]): string {
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
@@ -188,10 +193,11 @@ function buildProgram(out: { current: Output | null }): Command {
     .option('--block-size <bytes>', 'remap unit: 4096 (default) or 512', blockSizeArg)
     .option('--nbd-unix <path>', 'export over NBD on this unix socket')
     .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
+    .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto (prints the device)', nbdDeviceArg)
     .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
     .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
     .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
-      nbdTcp?: string; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
+      nbdTcp?: string; nbdDevice?: string; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
@@ -203,11 +209,13 @@ function buildProgram(out: { current: Output | null }): Command {
       if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
       if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
       if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
+      if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
       if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
       if (opts.allowIdentityChange === true) args.allowIdentityChange = true;
       const d = (await request(g.socket, 'add', args, 600_000)) as DeviceStatus;
       o.print(`added ${d.name}: ${formatSize(d.sizeBytes)}, block size ${d.blockSize}, ${d.remappedBlocks} remapped, ${d.pendingBlocks} pending, `
-        + `spare ${d.spareBlocksUsed}/${d.spareBlocksTotal} blocks used, ${d.openMode}${d.exports.length > 0 ? `; exports: ${d.exports.join(', ')}` : ''}`, d);
+        + `spare ${d.spareBlocksUsed}/${d.spareBlocksTotal} blocks used, ${d.openMode}${d.exports.length > 0 ? `; exports: ${d.exports.join(', ')}` : ''}`
+        + (opts.nbdDevice !== undefined ? `\n${d.exports.find((e) => e.startsWith('/dev/nbd')) ?? ''}` : ''), d);
     });
 
   program.command('remove')

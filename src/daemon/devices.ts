@@ -25,6 +25,27 @@ export interface ExportHandle {
 export type ExportStarter = (engine: BlockEngine, spec: DeviceSpec, logger: Logger) => Promise<ExportHandle | null>;
 export type EngineOpener = (o: OpenEngineOptions) => Promise<BlockEngine>;
 
+/** Attaches the kernel NBD client for `spec.nbdDevice` (src/frontends/nbd-kernel); loaded only when asked for. */
+export const attachKernelNbd: ExportStarter = async (engine, spec, logger) => {
+  if (spec.nbdDevice === undefined) return null;
+  const { attachNbdDevice } = await import('../frontends/nbd-kernel/index.js');
+  const a = await attachNbdDevice(engine, { device: spec.nbdDevice, readOnly: spec.readOnly, logger: logger.child({ device: spec.name }) });
+  return { endpoints: [a.device], connectionCount: () => (a.session.state === 'closed' ? 0 : 1), close: (ms) => a.detach(ms) };
+};
+
+/** Both handles as one: closed in parallel within the same deadline. */
+function joinExports(a: ExportHandle | null, b: ExportHandle | null): ExportHandle | null {
+  if (a === null || b === null) return a ?? b;
+  return {
+    endpoints: [...a.endpoints, ...b.endpoints],
+    connectionCount: () => a.connectionCount() + b.connectionCount(),
+    close: async (ms) => {
+      const [x, y] = await Promise.all([a.close(ms), b.close(ms)]);
+      return { connectionsClosed: x.connectionsClosed + y.connectionsClosed };
+    },
+  };
+}
+
 export type DeviceState = 'starting' | 'running' | 'stopping' | 'failed';
 
 interface Entry {
@@ -87,6 +108,8 @@ export interface DeviceManagerOptions {
   logger: Logger;
   openEngine: EngineOpener;
   startExport: ExportStarter;
+  /** The kernel NBD attach for specs with nbdDevice (default: attachKernelNbd). */
+  attachNbd?: ExportStarter;
   /** Metadata timeout when a spec gives none (5000). */
   defaultMetadataTimeoutMs?: number;
 }
@@ -172,6 +195,15 @@ export class DeviceManager {
       } catch (err) {
         await engine.close(this.timeoutOf(spec)).catch(() => undefined);
         throw err;
+      }
+      if (spec.nbdDevice !== undefined) {
+        try {
+          entry.exp = joinExports(entry.exp, await (this.o.attachNbd ?? attachKernelNbd)(engine, spec, this.log));
+        } catch (err) {
+          await entry.exp?.close(this.timeoutOf(spec)).catch(() => undefined);
+          await engine.close(this.timeoutOf(spec)).catch(() => undefined);
+          throw err;
+        }
       }
     } catch (err) {
       this.devices.delete(spec.name);

@@ -15,7 +15,7 @@ import { ConfigError, DEFAULTS, applyConfig, readConfigFile, resolveGroup, type 
 import { ControlServer, type CommandHandler } from './control.js';
 import { DeviceManager, type DeviceSpec } from './devices.js';
 import { startNbdExport } from './exports.js';
-import { ControlError, argBool, argInt, argString, errorBody, parseHostPort } from './protocol.js';
+import { ControlError, argBool, argInt, argNbdDevice, argString, errorBody, parseHostPort } from './protocol.js';
 
 function version(): string {
   try {
@@ -94,6 +94,8 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
     if (hp === null) throw new ControlError('BAD_REQUEST', `add: argument "nbdTcp" must be "HOST:PORT", got ${JSON.stringify(tcp)}`);
     spec.nbdTcp = hp;
   }
+  const nbdDevice = argNbdDevice('add', args);
+  if (nbdDevice !== undefined) spec.nbdDevice = nbdDevice;
   const description = argString('add', args, 'description', true);
   if (description !== undefined) spec.description = description;
   return { spec, format: argBool('add', args, 'format') === true };

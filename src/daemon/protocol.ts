@@ -163,5 +163,14 @@ export function parseHostPort(s: string): { host: string; port: number } | null 
   return { host: m[1], port };
 }
 
+/** The optional "nbdDevice" argument of add: '/dev/nbdN' or 'auto'. */
+export function argNbdDevice(cmd: string, args: Record<string, unknown>): string | undefined {
+  const v = argString(cmd, args, 'nbdDevice', true);
+  if (v !== undefined && v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) {
+    throw new ControlError('BAD_REQUEST', `${where(cmd, 'nbdDevice')} must be "/dev/nbdN" or "auto", got ${describe(v)}`);
+  }
+  return v;
+}
+
 /** A device name: letters, digits, '.', '_', '-'; 1..64 characters, not starting with '.' or '-'. */
 export const DEVICE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;

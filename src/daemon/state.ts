@@ -21,6 +21,8 @@ export interface DeviceSpec {
   readOnly?: boolean;
   nbdUnix?: string;
   nbdTcp?: { host: string; port: number };
+  /** Attach the kernel NBD client: '/dev/nbdN' or 'auto'. */
+  nbdDevice?: string;
   description?: string;
 }
 
