@@ -7,7 +7,16 @@ import { readFile, rm } from 'node:fs/promises';
 import { trackChild } from './util.js';
 
 export interface FioJob {
-  filename: string;
+  /** The file (io_uring engine); unused with the nbd engine, which takes `uri`. */
+  filename?: string;
+  /** fio ioengine (default io_uring with O_DIRECT). */
+  ioengine?: 'io_uring' | 'nbd';
+  /** NBD URI for the nbd engine, e.g. nbd+unix:///?socket=PATH. */
+  uri?: string;
+  /** O_DIRECT (default true for io_uring; not passed to the nbd engine). */
+  direct?: boolean;
+  /** Jobs (threads), each with its own iodepth (and, with the nbd engine, its own connection); reported as one group. Default 1. */
+  numjobs?: number;
   rw: 'randread' | 'randwrite' | 'read' | 'write';
   bs: number;
   iodepth: number;
@@ -68,16 +77,27 @@ function num(obj: unknown, ...path: string[]): number {
 }
 
 export async function runFio(job: FioJob, outFile: string): Promise<FioResult> {
+  const engine = job.ioengine ?? 'io_uring';
+  const numjobs = job.numjobs ?? 1;
+  const target: string[] = [];
+  if (engine === 'nbd') {
+    if (job.uri === undefined) throw new Error('fio: the nbd engine needs a uri');
+    target.push('--ioengine=nbd', `--uri=${job.uri}`); // engine options must follow --ioengine
+    if (job.direct === true) target.push('--direct=1');
+  } else {
+    if (job.filename === undefined) throw new Error('fio: the io_uring engine needs a filename');
+    target.push(`--filename=${job.filename}`, '--ioengine=io_uring');
+    if (job.direct !== false) target.push('--direct=1');
+  }
   const args = [
     '--name=bench',
-    `--filename=${job.filename}`,
-    '--ioengine=io_uring',
-    '--direct=1',
+    ...target,
     `--rw=${job.rw}`,
     `--bs=${job.bs}`,
     `--iodepth=${job.iodepth}`,
     `--size=${job.sizeBytes}`,
-    '--numjobs=1',
+    `--numjobs=${numjobs}`,
+    ...(numjobs > 1 ? ['--group_reporting'] : []),
     // One process (the job is a thread): fio's forked job processes call setsid and can outlive a killed parent.
     '--thread',
     '--norandommap',
@@ -92,7 +112,10 @@ export async function runFio(job: FioJob, outFile: string): Promise<FioResult> {
   if (r.code !== 0) throw new Error(`fio ${job.rw} failed (exit ${r.code}): ${r.stderr.trim() || r.stdout.trim()}`);
   let parsed: unknown;
   try {
-    parsed = JSON.parse(await readFile(outFile, 'utf8'));
+    // The nbd engine writes "fio: connected to NBD server" into the output file before the JSON.
+    const text = await readFile(outFile, 'utf8');
+    const start = text.indexOf('{');
+    parsed = JSON.parse(start > 0 ? text.slice(start) : text);
   } finally {
     await rm(outFile, { force: true });
   }
@@ -109,7 +132,8 @@ export async function runFio(job: FioJob, outFile: string): Promise<FioResult> {
     runtimeMs,
     iops: num(j, dir, 'iops'),
     bytesPerSec: num(j, dir, 'bw_bytes'),
-    cpuUsPerIo: ios > 0 ? ((cpuPct / 100) * runtimeMs * 1000) / ios : NaN,
+    // With group_reporting fio gives the CPU % averaged over the jobs' summed runtimes: scale by the job count.
+    cpuUsPerIo: ios > 0 ? ((cpuPct / 100) * runtimeMs * 1000 * numjobs) / ios : NaN,
     clatP50Us: num(j, dir, 'clat_ns', 'percentile', '50.000000') / 1000,
     clatP99Us: num(j, dir, 'clat_ns', 'percentile', '99.000000') / 1000,
     version: String(field(parsed, 'fio version') ?? ''),
