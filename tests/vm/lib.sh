@@ -17,6 +17,7 @@ check() {
 	if "$@"; then pass "$name" "$(el "$t")"; else fail "$name" "rc=$? after $(el "$t"): $*"; fi
 }
 modules() { modprobe -d "$KROOT" -a "$@"; }
+unload() { modprobe -d "$KROOT" -r "$@"; }
 finish() {
 	section summary
 	echo "fails=$FAILS t=$(up)s"

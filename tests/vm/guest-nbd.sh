@@ -1,0 +1,139 @@
+#!/bin/sh
+# Guest test: dm-remapd devices served to the kernel NBD client (/dev/nbdN).
+#  1. file-backed main + spare: mkfs.ext4, mount, write, umount, fsck, remount,
+#     verify; remove; `modprobe -r nbd` succeeds.
+#  2. main = loop device under a device-mapper linear table; an `error` segment
+#     is loaded live (suspend/load/resume) under a file's blocks; rewriting the
+#     file through /dev/nbdN succeeds, `remapctl status --json` counts the
+#     remaps, the data reads back, fsck stays clean.
+. "$(dirname "$0")/lib.sh"
+W=/tmp/dmr
+mkdir -p $W/state $W/mnt
+SOCK=$W/control.sock
+DPID=
+ctl() { node "$PROJECT/dist/src/cli/remapctl.js" --socket "$SOCK" "$@"; }
+json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const r=new Function("v","return "+process.argv[1])(v);console.log(r)})' "$1"; }
+cleanup() {
+	umount $W/mnt 2>/dev/null
+	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
+}
+trap cleanup EXIT
+
+section modules
+check modprobe modules nbd dm-mod loop ext4
+
+section daemon
+T=$(up)
+node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state --control-socket "$SOCK" >$W/daemon.log 2>&1 &
+DPID=$!
+i=0
+while ! ctl list >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 300 ] || ! kill -0 $DPID 2>/dev/null; then break; fi
+	sleep 0.1
+done
+if ctl list >/dev/null 2>&1; then pass daemon-start "$(el "$T")"; else fail daemon-start "no control socket"; cat $W/daemon.log; finish; fi
+
+# ------------------------------------------------------------ 1: files
+section "nbd over files"
+truncate -s 256M $W/main.img
+truncate -s 32M $W/spare.img
+T=$(up)
+OUT=$(ctl add d0 --main $W/main.img --spare $W/spare.img --format --nbd-device auto 2>&1)
+echo "$OUT"
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/nbd*) pass add-nbd "$DEV in $(el "$T")" ;; *) fail add-nbd "no device printed"; tail -20 $W/daemon.log; finish ;; esac
+echo "size $(blockdev --getsize64 "$DEV") bs $(blockdev --getbsz "$DEV") ro $(blockdev --getro "$DEV")"
+
+write_files() { # DIR COUNT PREFIX
+	n=0
+	while [ $n -lt "$2" ]; do
+		head -c $((256 * 1024 + n * 4096)) /dev/urandom >"$1/$3$n.bin" || return 1
+		n=$((n + 1))
+	done
+	(cd "$1" && sha256sum ./*.bin >$W/sums-$3)
+}
+T=$(up)
+check mkfs mkfs.ext4 -q -F -b 4096 "$DEV"
+check mount mount "$DEV" $W/mnt
+check write-files write_files $W/mnt 16 f
+check umount umount $W/mnt
+check fsck e2fsck -fn "$DEV"
+check remount mount "$DEV" $W/mnt
+check verify sh -c "cd $W/mnt && sha256sum -c --quiet $W/sums-f"
+check umount2 umount $W/mnt
+echo "ext4 cycle on $DEV: $(el "$T")"
+T=$(up)
+check remove ctl remove d0
+[ -e /sys/block/${DEV#/dev/}/pid ] && fail nbd-disconnected "$DEV still has a client" || pass nbd-disconnected ""
+check modprobe-r-nbd unload nbd
+grep -q '^nbd ' /proc/modules && fail nbd-unloaded "nbd still loaded" || pass nbd-unloaded ""
+check modprobe-nbd-again modules nbd
+
+# ------------------------------------------------------------ 2: device-mapper bad blocks
+section "nbd over dm with error segments"
+truncate -s 256M $W/dmain.img
+truncate -s 32M $W/dspare.img
+LOOP=$(losetup -f --show $W/dmain.img)
+SECTORS=$(blockdev --getsz "$LOOP")
+check dm-create dmsetup create dmrmain --table "0 $SECTORS linear $LOOP 0"
+dmsetup mknodes dmrmain # no udev in the guest
+T=$(up)
+OUT=$(ctl add d1 --main /dev/mapper/dmrmain --spare $W/dspare.img --format --nbd-device auto 2>&1)
+echo "$OUT"
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/nbd*) pass add-nbd-dm "$DEV in $(el "$T")" ;; *) fail add-nbd-dm "no device printed"; tail -20 $W/daemon.log; finish ;; esac
+check mkfs-dm mkfs.ext4 -q -F -b 4096 "$DEV"
+check mount-dm mount "$DEV" $W/mnt
+check write-files-dm write_files $W/mnt 8 g
+head -c 4M /dev/urandom >$W/victim.v1
+cp $W/victim.v1 $W/mnt/victim && sync
+# the victim's first extent (4 KiB blocks = dm-remapd blocks, no offset: separate spare)
+EXT=$(filefrag -v -b4096 $W/mnt/victim | awk '$1 == "0:" { gsub(/[.:]/, " "); print $4, $6; exit }')
+PSTART=${EXT% *}
+PLEN=${EXT#* }
+BAD=$((PLEN < 64 ? PLEN : 64))
+echo "victim extent: block $PSTART, $PLEN blocks; making $BAD blocks bad"
+if [ -z "$PSTART" ] || [ "$BAD" -le 0 ]; then fail filefrag "cannot locate the victim: $(filefrag -v -b4096 $W/mnt/victim)"; finish; fi
+S0=$((PSTART * 8))
+SL=$((BAD * 8))
+TABLE="0 $S0 linear $LOOP 0
+$S0 $SL error
+$((S0 + SL)) $((SECTORS - S0 - SL)) linear $LOOP $((S0 + SL))"
+T=$(up)
+check dm-suspend dmsetup suspend dmrmain
+check dm-load sh -c "printf '%s\n' '$TABLE' | dmsetup load dmrmain"
+check dm-resume dmsetup resume dmrmain
+dmsetup table dmrmain
+echo "error segment live in $(el "$T")"
+BEFORE=$(ctl status d1 --json | json v.remappedBlocks)
+head -c 4M /dev/urandom >$W/victim.v2
+T=$(up)
+check rewrite-over-bad dd if=$W/victim.v2 of=$W/mnt/victim bs=1M conv=notrunc,fsync oflag=direct status=none
+echo "rewrite over bad blocks: $(el "$T")"
+AFTER=$(ctl status d1 --json | json v.remappedBlocks)
+WERR=$(ctl status d1 --json | json v.writeErrors)
+echo "remappedBlocks $BEFORE -> $AFTER, writeErrors $WERR"
+[ "$AFTER" -ge $((BEFORE + BAD)) ] && pass remaps-counted "$BEFORE -> $AFTER (>= +$BAD)" || fail remaps-counted "$BEFORE -> $AFTER, expected +$BAD"
+echo 3 >/proc/sys/vm/drop_caches
+check victim-reads-back cmp $W/victim.v2 $W/mnt/victim
+check umount-dm umount $W/mnt
+check fsck-dm e2fsck -fn "$DEV"
+check remount-dm mount "$DEV" $W/mnt
+check verify-dm sh -c "cd $W/mnt && sha256sum -c --quiet $W/sums-g && cmp $W/victim.v2 victim"
+check umount-dm2 umount $W/mnt
+ctl status d1
+check remove-dm ctl remove d1
+check dm-remove dmsetup remove dmrmain
+losetup -d "$LOOP"
+check modprobe-r-nbd-end unload nbd
+
+section daemon
+kill "$DPID" && wait "$DPID"
+echo "daemon exit $?"
+DPID=
+echo "daemon warnings: $(grep -c '"level":40' $W/daemon.log), errors: $(grep -cE '"level":(50|60)' $W/daemon.log)"
+grep -E '"level":(50|60)' $W/daemon.log | tail -n 20
+section "dmesg (filtered)"
+dmesg | grep -iE 'nbd|device-mapper|ext4|error|warn|call trace' | tail -n 30
+finish
