@@ -164,8 +164,10 @@ export class TransmissionSession {
       else this.onData(chunk);
     });
     socket.on('end', () => {
-      if (this.parser.partialBytes > 0) this.log.warn({ partialBytes: this.parser.partialBytes }, 'connection ended inside a request');
-      this.beginDrain('client closed the connection');
+      // The stream can emit 'end' while requests held back by backpressure
+      // still wait in `backlog`: they are parsed first (see resumeInput).
+      if (this.backlog !== null) this.inputEnded = true;
+      else this.onInputEnd();
     });
     socket.on('error', (err: Error) => {
       this.log.debug({ err: err.message }, 'socket error');
@@ -242,6 +244,13 @@ export class TransmissionSession {
 
   /** Bytes received while paused; parsed before the socket is read again. */
   private backlog: Uint8Array | null = null;
+  /** The client ended its side while a backlog was still unparsed. */
+  private inputEnded = false;
+
+  private onInputEnd(): void {
+    if (this.parser.partialBytes > 0) this.log.warn({ partialBytes: this.parser.partialBytes }, 'connection ended inside a request');
+    this.beginDrain('client closed the connection');
+  }
 
   private resumeInput(): void {
     // Deferred: release() may run deep inside a completion callback.
@@ -250,6 +259,11 @@ export class TransmissionSession {
       const b = this.backlog;
       this.backlog = null;
       if (b !== null) this.onData(b);
+      if (this.inputEnded && this.backlog === null) {
+        this.inputEnded = false;
+        this.onInputEnd();
+        return;
+      }
       if (!this.paused && this.backlog === null && (this.stateValue === 'serving' || this.stateValue === 'closing')) this.socket.resume();
     });
   }
