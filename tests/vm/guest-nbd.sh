@@ -132,6 +132,29 @@ section daemon
 kill "$DPID" && wait "$DPID"
 echo "daemon exit $?"
 DPID=
+
+# ------------------------------------------------------------ 3: the ioctl fallback
+section "nbd attach through the ioctls"
+check modprobe-nbd-ioctl modules nbd
+SOCK=$W/control2.sock
+DM_REMAPD_NBD_ATTACH=ioctl node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state2 --control-socket "$SOCK" >$W/daemon2.log 2>&1 &
+DPID=$!
+i=0
+while ! ctl list >/dev/null 2>&1 && [ $i -lt 300 ] && kill -0 $DPID 2>/dev/null; do i=$((i + 1)); sleep 0.1; done
+truncate -s 64M $W/imain.img
+truncate -s 16M $W/ispare.img
+OUT=$(ctl add d2 --main $W/imain.img --spare $W/ispare.img --format --nbd-device /dev/nbd3 2>&1)
+echo "$OUT"
+DEV=$(echo "$OUT" | tail -n1)
+grep -q '"method":"ioctl"' $W/daemon2.log && pass ioctl-used "" || fail ioctl-used "daemon did not attach with the ioctls"
+[ "$DEV" = /dev/nbd3 ] && pass add-nbd-ioctl "$DEV" || fail add-nbd-ioctl "got '$DEV'"
+head -c 8M /dev/urandom >$W/pat
+check ioctl-dd sh -c "dd if=$W/pat of=$DEV bs=1M oflag=direct conv=fsync status=none && dd if=$DEV of=$W/back bs=1M count=8 iflag=direct status=none && cmp $W/pat $W/back"
+check remove-ioctl ctl remove d2
+[ -e /sys/block/nbd3/pid ] && fail ioctl-disconnected "/dev/nbd3 still has a client" || pass ioctl-disconnected ""
+kill "$DPID" && wait "$DPID"
+DPID=
+check modprobe-r-nbd-ioctl unload nbd
 echo "daemon warnings: $(grep -c '"level":40' $W/daemon.log), errors: $(grep -cE '"level":(50|60)' $W/daemon.log)"
 grep -E '"level":(50|60)' $W/daemon.log | tail -n 20
 section "dmesg (filtered)"

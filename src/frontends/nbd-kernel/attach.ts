@@ -74,7 +74,9 @@ export async function attachNbdDevice(backend: NbdBackend, o: AttachOptions): Pr
   const log = o.logger.child({ component: 'nbd-kernel' });
   const session = serveTransmission(socket, backend, { flags, structuredReplies: false, logger: log });
   const params = { sockFd: theirs, sizeBytes: backend.sizeBytes, blockSize: backend.blockSize, serverFlags: flags, timeoutSec: o.timeoutSec ?? 0 };
-  const method = o.method ?? 'auto';
+  // DM_REMAPD_NBD_ATTACH=ioctl|netlink forces one path (tests of the fallback).
+  const env = process.env.DM_REMAPD_NBD_ATTACH;
+  const method = o.method ?? (env === 'ioctl' || env === 'netlink' ? env : 'auto');
   let index = -1;
   let used: 'netlink' | 'ioctl' = 'netlink';
   let err = 0;
