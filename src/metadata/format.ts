@@ -217,10 +217,46 @@ export function encodeBlocks(magic: Uint8Array, formatId: Uint8Array, seq: numbe
   const count = blocksForRecords(records.length);
   const out = new Uint8Array(count * META_BLOCK);
   const v = new DataView(out.buffer);
-  for (let b = 0; b < count; b++) {
-    const base = b * META_BLOCK;
-    const first = b * RECORDS_PER_BLOCK;
-    const inBlock = Math.min(RECORDS_PER_BLOCK, records.length - first);
+  for (let i = 0; i < records.length; i++) encodeRecord(v, recordOffsetInBlocks(i), records[i]);
+  sealBlocks(out, 0, magic, formatId, seq, records.length, 0, count);
+  return out;
+}
+
+/** Byte offset of record `i` in an encoding of consecutive blocks (it does not depend on the record count). */
+export function recordOffsetInBlocks(i: number): number {
+  const b = Math.floor(i / RECORDS_PER_BLOCK);
+  return b * META_BLOCK + BLOCK_HEADER_BYTES + (i - b * RECORDS_PER_BLOCK) * RECORD_BYTES;
+}
+
+/**
+ * Completes blocks [firstBlock, firstBlock + nBlocks) of an encoding of
+ * `totalRecords` records, held in `out` from byte `outOffset` on: writes
+ * each block's header and CRC. The records must already be in place (at
+ * recordOffsetInBlocks(i) - firstBlock * 4096 + outOffset) and every other
+ * byte zero. Lets a large encoding be built, and written, piecewise; the
+ * bytes are those encodeBlocks() produces.
+ */
+export function sealBlocks(
+  out: Uint8Array,
+  outOffset: number,
+  magic: Uint8Array,
+  formatId: Uint8Array,
+  seq: number,
+  totalRecords: number,
+  firstBlock: number,
+  nBlocks: number,
+): void {
+  checkU64(seq, 'sequence number');
+  checkU64(totalRecords, 'record count');
+  const count = blocksForRecords(totalRecords);
+  if (!Number.isInteger(firstBlock) || !Number.isInteger(nBlocks) || firstBlock < 0 || nBlocks < 0 || firstBlock + nBlocks > count)
+    throw new RangeError(`blocks ${firstBlock}..${firstBlock + nBlocks} outside the ${count} blocks of ${totalRecords} records`);
+  if (!Number.isInteger(outOffset) || outOffset < 0 || outOffset + nBlocks * META_BLOCK > out.length) throw new RangeError('output buffer too small');
+  const v = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  for (let k = 0; k < nBlocks; k++) {
+    const b = firstBlock + k;
+    const base = outOffset + k * META_BLOCK;
+    const inBlock = Math.min(RECORDS_PER_BLOCK, totalRecords - b * RECORDS_PER_BLOCK);
     out.set(magic, base);
     v.setUint16(base + 4, FORMAT_VERSION, true);
     v.setUint16(base + 6, Math.max(0, inBlock), true);
@@ -228,11 +264,9 @@ export function encodeBlocks(magic: Uint8Array, formatId: Uint8Array, seq: numbe
     setU64(v, base + 16, seq);
     v.setUint32(base + 24, b, true);
     v.setUint32(base + 28, count, true);
-    setU64(v, base + 32, records.length);
-    for (let i = 0; i < inBlock; i++) encodeRecord(v, base + BLOCK_HEADER_BYTES + i * RECORD_BYTES, records[first + i]);
+    setU64(v, base + 32, totalRecords);
     v.setUint32(base + CRC_OFF, blockCrc(out.subarray(base, base + META_BLOCK)), true);
   }
-  return out;
 }
 
 /** Decodes one 4 KiB journal or checkpoint block (`buf` starts at the block). */

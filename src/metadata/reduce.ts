@@ -47,15 +47,22 @@ export function reduce(records: Iterable<MetaRecord>, into: MetaState = emptySta
   return into;
 }
 
-/** The state as a record stream (what a checkpoint stores): remaps, then pending, bad and quarantined spare blocks, each in ascending order. */
-export function* stateToRecords(s: MetaState): Generator<MetaRecord> {
+/**
+ * The state as a record stream (what a checkpoint stores): remaps, then
+ * pending, bad and quarantined spare blocks, each in ascending order. Built
+ * eagerly, so it is a point-in-time view that later changes to `s` do not
+ * touch (the writer consumes a snapshot over several macrotasks).
+ */
+export function stateToRecords(s: MetaState): MetaRecord[] {
+  const out: MetaRecord[] = [];
   for (const k of [...s.remaps.keys()].sort((a, b) => a - b)) {
     const e = s.remaps.get(k) as RemapEntry;
-    yield { type: RecordType.REMAP, logical: k, spare: e.spare, dataCrc: e.dataCrc };
+    out.push({ type: RecordType.REMAP, logical: k, spare: e.spare, dataCrc: e.dataCrc });
   }
-  for (const k of [...s.pending].sort((a, b) => a - b)) yield { type: RecordType.PENDING_ADD, logical: k, spare: 0, dataCrc: 0 };
-  for (const k of [...s.badSpare].sort((a, b) => a - b)) yield { type: RecordType.SPARE_BAD, logical: 0, spare: k, dataCrc: 0 };
-  for (const k of [...s.quarantined].sort((a, b) => a - b)) yield { type: RecordType.QUARANTINE, logical: 0, spare: k, dataCrc: 0 };
+  for (const k of [...s.pending].sort((a, b) => a - b)) out.push({ type: RecordType.PENDING_ADD, logical: k, spare: 0, dataCrc: 0 });
+  for (const k of [...s.badSpare].sort((a, b) => a - b)) out.push({ type: RecordType.SPARE_BAD, logical: 0, spare: k, dataCrc: 0 });
+  for (const k of [...s.quarantined].sort((a, b) => a - b)) out.push({ type: RecordType.QUARANTINE, logical: 0, spare: k, dataCrc: 0 });
+  return out;
 }
 
 /** Spare blocks that more than one logical block maps to (must be empty for a sane table). */

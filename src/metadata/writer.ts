@@ -6,10 +6,10 @@
  */
 import { setImmediate as nextMacrotask } from 'node:timers/promises';
 import { ERRNO, RemapError, errnoOf } from '../errors.js';
-import { CHECKPOINT_MAGIC, JOURNAL_MAGIC, blocksForRecords, encodeBlocks, formatIdOf } from './format.js';
+import { CHECKPOINT_MAGIC, JOURNAL_MAGIC, blocksForRecords, encodeBlocks, formatIdOf, recordOffsetInBlocks, sealBlocks } from './format.js';
 import { META_BLOCK, type MetaIO } from './io.js';
 import { RECORDS_PER_BLOCK, type Layout } from './layout.js';
-import { validateRecord, type MetaRecord } from './records.js';
+import { encodeRecord, validateRecord, type MetaRecord } from './records.js';
 import type { LoadedMetadata } from './store.js';
 
 export interface MetaLogger {
@@ -30,6 +30,13 @@ export interface WriterOptions {
    * `await commit()`, before any other await); it may also include effects
    * of commits still in flight. It must not include records of commits
    * that failed.
+   *
+   * The returned iterable is consumed in slices over later macrotasks (the
+   * writer yields to the event loop every few ms, and commits go on
+   * meanwhile), so it must be a point-in-time view: take copies of the
+   * state when called (e.g. RemapTable.copyEntries()) and iterate those,
+   * not structures that later commits change. Its first element is
+   * requested in the same macrotask as the call.
    */
   snapshot: () => Iterable<MetaRecord>;
   /** Journal fill ratio that starts a background checkpoint. Default 0.7. */
@@ -82,6 +89,20 @@ interface Waiter {
 }
 
 const LAT_SAMPLES = 1024;
+
+/**
+ * A checkpoint's CPU work (validating, encoding with CRC32C) runs in slices
+ * of about this many ms, with a yield to the event loop between them, so a
+ * checkpoint of a large table never stalls I/O and commits for long.
+ */
+const CKPT_SLICE_MS = 4;
+/** Records pulled from the snapshot, validated and encoded between two clock checks. */
+const CKPT_RECORD_STEP = 1024;
+/** Blocks sealed (header + CRC32C) between two clock checks (~0.1-0.3 ms). */
+const CKPT_BLOCK_STEP = 8;
+/** Blocks per checkpoint piece (1 MiB): the unit of encoding buffers and of writes. */
+const CKPT_WRITE_BLOCKS = 256;
+const CKPT_PIECE_RECORDS = CKPT_WRITE_BLOCKS * RECORDS_PER_BLOCK;
 
 export class MetadataWriter {
   private readonly layout: Layout;
@@ -516,8 +537,31 @@ export class MetadataWriter {
     return p;
   }
 
+  /** Waits until `writes` settle, the checkpoint timeout passes or close() gives up; never rejects. */
+  private async settleOrGiveUp(writes: Promise<void>[]): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<void>((r) => {
+      timer = setTimeout(r, this.timeoutMs);
+    });
+    try {
+      await this.untilStopped(Promise.race([Promise.allSettled(writes), timeout]));
+    } catch {
+      // close() gave up
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Ends a slice of checkpoint work: yields to the event loop, then stops if the writer was closed meanwhile. */
+  private async checkpointYield(ctx: { device: string; op: string }): Promise<void> {
+    await nextMacrotask();
+    if (this.closed) throw new RemapError(ERRNO.ECANCELED, `metadata writer of ${this.dev} closed during a checkpoint`, ctx);
+  }
+
   private async doCheckpoint(reason: string): Promise<void> {
     const ctx = { device: this.dev, op: 'metadata-checkpoint' };
+    const writes: Promise<void>[] = [];
+    let issuing = true;
     try {
       if (this.closed) throw new RemapError(ERRNO.ECANCELED, `metadata writer of ${this.dev} is closed`, ctx);
       const slot = (1 - this.ckptSlot) as 0 | 1;
@@ -526,20 +570,80 @@ export class MetadataWriter {
       const covered = this.finishedSeq;
       // Let the continuations of resolved commits apply their records first.
       await nextMacrotask();
-      const records: MetaRecord[] = [];
-      for (const r of this.snapshot()) {
-        validateRecord(r);
-        records.push(r);
+
+      // 1. Snapshot, validate and encode each record straight to its place
+      //    in 1 MiB pieces of the encoding, in slices. No record object is
+      //    kept (a million of them would cost long GC pauses later). The
+      //    snapshot is a point-in-time view (see WriterOptions.snapshot);
+      //    its first element is pulled in this macrotask.
+      const capacity = this.layout.checkpointCapacity;
+      const pieces: Uint8Array[] = [];
+      let view: DataView | undefined;
+      let total = 0;
+      const it = this.snapshot()[Symbol.iterator]();
+      let sliceStart = performance.now();
+      try {
+        for (;;) {
+          const r = it.next();
+          if (r.done) break;
+          validateRecord(r.value);
+          if (total === capacity)
+            throw new RemapError(ERRNO.ENOSPC, `checkpoint of more than ${capacity} records exceeds the capacity of ${this.dev}`, ctx);
+          const inPiece = total % CKPT_PIECE_RECORDS;
+          if (inPiece === 0) {
+            const piece = new Uint8Array(CKPT_WRITE_BLOCKS * META_BLOCK);
+            pieces.push(piece);
+            view = new DataView(piece.buffer);
+          }
+          encodeRecord(view as DataView, recordOffsetInBlocks(inPiece), r.value);
+          total++;
+          if (total % CKPT_RECORD_STEP === 0 && performance.now() - sliceStart >= CKPT_SLICE_MS) {
+            await this.checkpointYield(ctx);
+            sliceStart = performance.now();
+          }
+        }
+      } catch (e) {
+        it.return?.();
+        throw e;
       }
-      if (records.length > this.layout.checkpointCapacity)
-        throw new RemapError(ERRNO.ENOSPC, `checkpoint of ${records.length} records exceeds the capacity ${this.layout.checkpointCapacity} of ${this.dev}`, ctx);
-      const buf = encodeBlocks(CHECKPOINT_MAGIC, this.formatId, covered, records);
-      this.ckptSlotBusy[slot] += 2;
-      const writes = [0, 1].map((c) =>
-        this.trackedWrite(this.layout.copies[c].checkpointSlots[slot], buf, () => {
-          this.ckptSlotBusy[slot]--;
-        }),
-      );
+
+      // 2. Seal the blocks (headers + CRC32C), in slices; each piece goes to
+      //    both copies of the slot as soon as it is sealed. The slot does not
+      //    hold the current checkpoint, and the new one counts only once
+      //    every piece is written and synced, so stopping half-way loses
+      //    nothing.
+      const count = blocksForRecords(total);
+      if (pieces.length === 0) pieces.push(new Uint8Array(META_BLOCK));
+      let writeErr: { e: unknown } | undefined;
+      for (let p = 0; p < pieces.length; p++) {
+        const first = p * CKPT_WRITE_BLOCKS;
+        const n = Math.min(CKPT_WRITE_BLOCKS, count - first);
+        const buf = pieces[p].subarray(0, n * META_BLOCK);
+        for (let b = 0; b < n; ) {
+          const k = Math.min(CKPT_BLOCK_STEP, n - b);
+          sealBlocks(buf, b * META_BLOCK, CHECKPOINT_MAGIC, this.formatId, covered, total, first + b, k);
+          b += k;
+          if (performance.now() - sliceStart >= CKPT_SLICE_MS) {
+            await this.checkpointYield(ctx);
+            if (writeErr) throw writeErr.e;
+            sliceStart = performance.now();
+          }
+        }
+        pieces[p] = new Uint8Array(0); // let it go once written: the write holds it meanwhile
+        for (const c of [0, 1]) {
+          this.ckptSlotBusy[slot]++;
+          const w = this.trackedWrite(this.layout.copies[c].checkpointSlots[slot] + first * META_BLOCK, buf, () => {
+            this.ckptSlotBusy[slot]--;
+          });
+          w.catch((e: unknown) => {
+            writeErr ??= { e };
+          });
+          writes.push(w);
+        }
+      }
+
+      // 3. Wait for every piece, then one sync.
+      issuing = false;
       let timer: NodeJS.Timeout | undefined;
       const timeout = new Promise<never>((_, reject) => {
         timer = setTimeout(
@@ -563,10 +667,15 @@ export class MetadataWriter {
       this.ckptSeq = Math.max(this.ckptSeq, covered);
       this.ckptSlot = slot;
       this.st.checkpoints++;
-      this.log.info({ event: 'metadata-checkpoint', device: this.dev, seq: covered, records: records.length, slot, reason }, 'metadata checkpoint written');
+      this.log.info({ event: 'metadata-checkpoint', device: this.dev, seq: covered, records: total, slot, reason }, 'metadata checkpoint written');
     } catch (e) {
       this.ckptFailures++;
       this.st.failedCheckpoints++;
+      // Stopped while issuing (closed, or a piece failed): pieces already
+      // issued stay tracked (the slot is not reused until they settle);
+      // give them the time a whole checkpoint write would get (the
+      // checkpoint timeout, cut short when close() gives up).
+      if (issuing && writes.length > 0) await this.settleOrGiveUp(writes);
       throw e;
     }
   }

@@ -9,10 +9,13 @@ import {
   encodeBlocks,
   encodeSuperblock,
   formatIdOf,
+  recordOffsetInBlocks,
+  sealBlocks,
   type Identity,
 } from '../../src/metadata/format.js';
-import { computeLayout, RECORDS_PER_BLOCK } from '../../src/metadata/layout.js';
-import { RECORD_BYTES, RecordType, decodeRecord, encodeRecord, type MetaRecord, type RecordTypeCode } from '../../src/metadata/records.js';
+import { crc32c } from '../../src/metadata/crc32c.js';
+import { BLOCK_HEADER_BYTES, computeLayout, RECORDS_PER_BLOCK } from '../../src/metadata/layout.js';
+import { RECORD_BYTES, RecordType, decodeRecord, encodeRecord, setU64, type MetaRecord, type RecordTypeCode } from '../../src/metadata/records.js';
 
 const recordArb: fc.Arbitrary<MetaRecord> = fc.record({
   type: fc.constantFrom(...(Object.values(RecordType) as RecordTypeCode[])),
@@ -77,6 +80,61 @@ describe('superblock codec', () => {
       }),
       { numRuns: 300 },
     );
+  });
+});
+
+/** The block encoder as docs/FORMAT.md describes it, written out in full: the reference for encodeBlocks(). */
+function referenceEncode(magic: Uint8Array, formatId: Uint8Array, seq: number, records: readonly MetaRecord[]): Uint8Array {
+  const count = Math.max(1, Math.ceil(records.length / RECORDS_PER_BLOCK));
+  const out = new Uint8Array(count * 4096);
+  const v = new DataView(out.buffer);
+  for (let b = 0; b < count; b++) {
+    const base = b * 4096;
+    const first = b * RECORDS_PER_BLOCK;
+    const inBlock = Math.max(0, Math.min(RECORDS_PER_BLOCK, records.length - first));
+    out.set(magic, base);
+    v.setUint16(base + 4, FORMAT_VERSION, true);
+    v.setUint16(base + 6, inBlock, true);
+    out.set(formatId, base + 8);
+    setU64(v, base + 16, seq);
+    v.setUint32(base + 24, b, true);
+    v.setUint32(base + 28, count, true);
+    setU64(v, base + 32, records.length);
+    for (let i = 0; i < inBlock; i++) encodeRecord(v, base + BLOCK_HEADER_BYTES + i * RECORD_BYTES, records[first + i]);
+    v.setUint32(base + 40, crc32c(out.subarray(base + 44, base + 4096), crc32c(out.subarray(base, base + 40))), true);
+  }
+  return out;
+}
+
+describe('piecewise encoding (checkpoints)', () => {
+  it('encodeBlocks() and records placed piece by piece then sealed give the reference bytes', () => {
+    fc.assert(
+      fc.property(fc.array(recordArb, { maxLength: 900 }), fc.maxSafeNat(), fc.integer({ min: 1, max: 4 }), (records, seq, piece) => {
+        const want = referenceEncode(CHECKPOINT_MAGIC, FID, seq, records);
+        expect(encodeBlocks(CHECKPOINT_MAGIC, FID, seq, records)).toEqual(want);
+        // pieces of `piece` blocks, as the writer builds a checkpoint
+        const count = want.length / 4096;
+        const perPiece = piece * RECORDS_PER_BLOCK;
+        const got = new Uint8Array(want.length);
+        for (let first = 0; first < count; first += piece) {
+          const n = Math.min(piece, count - first);
+          const buf = new Uint8Array(piece * 4096);
+          const v = new DataView(buf.buffer);
+          const r0 = (first / piece) * perPiece;
+          for (let i = r0; i < Math.min(records.length, r0 + perPiece); i++) encodeRecord(v, recordOffsetInBlocks(i - r0), records[i]);
+          for (let b = 0; b < n; b++) sealBlocks(buf, b * 4096, CHECKPOINT_MAGIC, FID, seq, records.length, first + b, 1);
+          got.set(buf.subarray(0, n * 4096), first * 4096);
+        }
+        expect(got).toEqual(want);
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it('sealBlocks() refuses blocks outside the encoding', () => {
+    const buf = new Uint8Array(2 * 4096);
+    expect(() => sealBlocks(buf, 0, CHECKPOINT_MAGIC, FID, 1, RECORDS_PER_BLOCK, 1, 1)).toThrow(RangeError);
+    expect(() => sealBlocks(buf, 4096, CHECKPOINT_MAGIC, FID, 1, 2 * RECORDS_PER_BLOCK, 0, 2)).toThrow(RangeError);
   });
 });
 
