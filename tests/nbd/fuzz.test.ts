@@ -28,6 +28,7 @@
  * DMR_FUZZ_FRAMES (default 100000) sets the number of frames, DMR_FUZZ_SEED
  * the seed (printed, with the figures, at the end).
  */
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { truncateSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
@@ -677,6 +678,96 @@ async function probeFlags(to: Target['to']): Promise<{ plain: number; structured
 }
 
 // ---------------------------------------------------------------- test
+
+const SYS_ENV = { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
+
+describe('seeded fuzz of the live NBD server (dm-remapd process)', () => {
+  let dir: string;
+  let d: Daemon | undefined;
+  beforeAll(() => { dir = tempDir('dmr-fuzz-'); });
+  afterAll(async () => {
+    if (d !== undefined) await d.stop();
+    cleanup(dir);
+  });
+
+  it(`survives ${FRAMES} mutated frames over many connections; an older and a fresh connection still work`, async () => {
+    const main = join(dir, 'main.img');
+    const spare = join(dir, 'spare.img');
+    writeFileSync(main, '');
+    truncateSync(main, SIZE);
+    writeFileSync(spare, '');
+    truncateSync(spare, 8 << 20);
+    // Every refused request is logged at warn: log errors only, and see readiness through ping.
+    d = await startDaemon(dir, { args: ['--log-level', 'error'], waitReady: false });
+    for (let i = 0; ; i++) {
+      const p = await request(d.sock, 'ping').catch(() => null);
+      if (p?.ok === true) break;
+      if (i > 200 || d.proc.exitCode !== null) throw new Error(`daemon not up: ${d.stderr}`);
+      await new Promise((res) => setTimeout(res, 25));
+    }
+    const nbdSock = join(dir, 'fz.nbd');
+    const add = await ctl(d.sock, '--json', 'add', DEVICE, '--main', main, '--spare', spare, '--format', '--nbd-unix', nbdSock, '--nbd-tcp', '127.0.0.1:0');
+    expect(add.code, add.stderr).toBe(0);
+    const exportsList = (JSON.parse(add.stdout) as { exports: string[] }).exports;
+    const tcp = exportsList.map((e) => /^nbd:\/\/127\.0\.0\.1:(\d+)\//.exec(e)).find((m) => m !== null);
+    expect(tcp, exportsList.join(' ')).toBeDefined();
+    const unixTo = { path: nbdSock };
+    const tcpTo = { host: '127.0.0.1', port: Number((tcp as RegExpExecArray)[1]) };
+
+    const flags = await probeFlags(unixTo);
+    expect(flags.plain & F.HAS_FLAGS).toBe(F.HAS_FLAGS);
+    expect(flags.structured).toBe(flags.plain | F.SEND_DF);
+
+    const before = await openClient(unixTo);
+
+    const fig: Figures = { frames: 0, connections: 0, transmissions: 0, optionsAnswered: 0, requestsAnswered: 0, bytesSent: 0, tally: new Map(), terminals: new Map() };
+    const budget = { left: FRAMES };
+    const t0 = Date.now();
+    await Promise.all(Array.from({ length: LANES }, (_, i) => new Lane(i, SEED + i * 7919, {
+      to: i === 0 ? tcpTo : unixTo, flagsPlain: flags.plain, flagsStructured: flags.structured,
+    }, budget, fig).run()));
+    const elapsed = Date.now() - t0;
+
+    const errs = [...fig.tally.entries()].sort((a, b) => a[0] - b[0]).map(([e, n]) => `${e === 0 ? 'ok' : Object.entries(E).find(([, v]) => v === e)?.[0] ?? e}=${n}`).join(' ');
+    const terms = [...fig.terminals.entries()].sort().map(([k, n]) => `${k}=${n}`).join(' ');
+    console.log(`[nbd fuzz] seed ${SEED}: ${fig.frames} frames (${(fig.bytesSent / 1048576).toFixed(1)} MiB) over ${fig.connections} connections `
+      + `(${LANES} concurrent lanes, one over TCP) in ${elapsed} ms (${Math.round(fig.frames / (elapsed / 1000))} frames/s); `
+      + `${fig.optionsAnswered} option replies and ${fig.requestsAnswered} request replies checked over ${fig.transmissions} transmission phases; `
+      + `replies: ${errs}; endings: ${terms}`);
+    expect(fig.frames).toBeGreaterThanOrEqual(FRAMES);
+
+    // The server process is alive, logged no error, and holds only the connection opened before the fuzz.
+    expect(d.proc.exitCode).toBeNull();
+    expect(d.proc.signalCode).toBeNull();
+    expect(d.logs.filter((l) => l.level >= 50), JSON.stringify(d.logs.slice(0, 5))).toEqual([]);
+    expect(d.stderr).toBe('');
+    let st: Record<string, unknown> = {};
+    for (let i = 0; i < 100; i++) {
+      st = (await request(d.sock, 'status', { name: DEVICE })).result as Record<string, unknown>;
+      if (st.connections === 1) break;
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    expect(st).toMatchObject({ state: 'running', connections: 1, readErrors: 0, writeErrors: 0, remappedBlocks: 0, pendingBlocks: 0 });
+
+    // The connection opened before the fuzz, and a fresh one after it.
+    await verifiedWriteRead(before, 40 << 20, 'connection opened before the fuzz');
+    before.done();
+    const after = await openClient(unixTo);
+    await verifiedWriteRead(after, 41 << 20, 'fresh connection');
+    after.done();
+    const afterTcp = await openClient(tcpTo);
+    await verifiedWriteRead(afterTcp, 42 << 20, 'fresh TCP connection');
+    afterTcp.done();
+    // And a real client.
+    const uri = `nbd+unix:///${DEVICE}?socket=${nbdSock}`;
+    const py = 'import os; d = os.urandom(65536); h.pwrite(d, 43 << 20); h.flush(); print(h.pread(65536, 43 << 20) == d, h.get_size())';
+    expect(execFileSync('nbdsh', ['-u', uri, '-c', py], { encoding: 'utf8', timeout: 20_000, env: SYS_ENV }).trim()).toBe(`True ${SIZE}`);
+
+    expect(d.proc.exitCode).toBeNull();
+    expect(await d.stop()).toBe(0);
+    d = undefined;
+  });
+});
 
 describe('requests pipelined before a half-close', () => {
   it('are all answered (with or without DISC), also those backpressure held back when the client shut its side', async () => {
