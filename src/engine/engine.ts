@@ -657,7 +657,10 @@ export class BlockEngine {
   // ----------------------------------------------------------------- remap
 
   /** Serialize remaps of the same logical block; different blocks run (and group-commit) together. */
-  private async lockBlocks(blocks: number[]): Promise<() => void> {
+  private async lockBlocks(requested: readonly number[]): Promise<() => void> {
+    // A copy: callers may change their array while holding the lock, and a
+    // lock left behind (resolved, never deleted) would spin every later waiter.
+    const blocks = [...requested];
     for (;;) {
       const busy = blocks.map((b) => this.remapLocks.get(b)).filter((p): p is Promise<void> => p !== undefined);
       if (busy.length === 0) break;

@@ -182,6 +182,44 @@ describe('engine over a faulty spare', () => {
     await e.close();
   });
 
+  it('a hung metadata area: the commit fails after the configured timeout, close is bounded, late writes leave a valid state', async () => {
+    const e = await open({ mainPath, sparePath: spare.path, format: true, metadataTimeoutMs: 800 });
+    await e.remapBlocks([20]);
+    const { layout } = (await offlineState(spare.path)).metadata;
+    const journalBytes = layout.journalBlocks * 4096;
+    // only the journal regions of both copies hang: the data write and its
+    // sync go through, so what times out is the commit itself
+    await spare.setHang(true, { writesOnly: true, ranges: layout.copies.map((c) => [c.journal, journalBytes] as [number, number]) });
+    const w = pattern(1, 9);
+    await e.submit({ op: 'write', offset: 21 * BS, length: BS, buffer: w });
+    const t0 = Date.now();
+    const r = await e.remapBlocks([21]);
+    const took = Date.now() - t0;
+    expect(r[0]).toMatchObject({ result: 'failed', errno: 5 });
+    expect((r[0] as { reason: string }).reason).toMatch(/metadata commit failed \(ETIMEDOUT\)/);
+    expect(took).toBeGreaterThanOrEqual(700);
+    expect(took).toBeLessThan(2500);
+    expect(e.lookup(21)).toBe(-1);
+    expect(e.status().quarantinedSpareBlocks).toBe(1);
+    expect(e.status().stats.commitFailures).toBe(1);
+    const c0 = Date.now();
+    const report = await e.close(800);
+    expect(Date.now() - c0).toBeLessThan(1800);
+    expect(report.metadataAborted).toBe(true);
+    await spare.setHang(false);
+    await new Promise((res) => setTimeout(res, 300));
+    const off = await offlineState(spare.path);
+    expect(off.doubleMapped).toEqual([]);
+    const e2 = await open({ mainPath, sparePath: spare.path });
+    expect(e2.lookup(20)).toBeGreaterThanOrEqual(0);
+    // block 21 is either on main or (the late commit landed) on its spare block, with its data either way
+    expect((await readBack(e2, 21 * BS, BS)).equals(w)).toBe(true);
+    await e2.remapBlocks([22, 23]);
+    const used = new Set([20, 21, 22, 23].map((b) => e2.lookup(b)).filter((x) => x >= 0));
+    expect(used.size).toBe([20, 21, 22, 23].filter((b) => e2.lookup(b) >= 0).length);
+    await e2.close();
+  });
+
   it('a hung spare: the remap fails after the timeout, close is bounded, nothing leaks, late writes leave a valid state', async () => {
     const fdsBefore = readdirSync('/proc/self/fd').length;
     const resBefore = process.getActiveResourcesInfo().filter((r) => r !== 'TTYWrap').length;

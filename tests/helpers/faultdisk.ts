@@ -117,7 +117,7 @@ export interface FaultDisk {
    * waits for a reply, so once one request is blocked, every later request
    * to the file waits behind it, reads included (a whole-disk stall).
    */
-  setHang(on: boolean, opts?: { writesOnly?: boolean }): Promise<void>;
+  setHang(on: boolean, opts?: { writesOnly?: boolean; ranges?: ByteRange[] }): Promise<void>;
   /** Change the per-request latency. */
   setDelay(delayMs: { read?: number; write?: number }): Promise<void>;
   /** Counters kept by the plugin. Throws after kill(). */
@@ -407,6 +407,8 @@ type HangMode = 'none' | 'all' | 'writes';
 interface ControlDoc {
   bad: { read: ByteRange[]; write: ByteRange[] };
   hang: HangMode;
+  /** Only requests overlapping these hang (flush then never does); absent: all. */
+  hangRanges?: ByteRange[];
   delayMs: { read: number; write: number };
 }
 
@@ -721,8 +723,10 @@ class FaultDiskImpl implements FaultDisk {
     await this.applyControl();
   }
 
-  async setHang(on: boolean, opts: { writesOnly?: boolean } = {}): Promise<void> {
+  async setHang(on: boolean, opts: { writesOnly?: boolean; ranges?: ByteRange[] } = {}): Promise<void> {
     this.control.hang = on ? (opts.writesOnly ? 'writes' : 'all') : 'none';
+    if (on && opts.ranges !== undefined) this.control.hangRanges = checkRanges('setHang ranges', opts.ranges);
+    else delete this.control.hangRanges;
     await this.applyControl();
   }
 

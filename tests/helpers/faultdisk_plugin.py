@@ -6,6 +6,8 @@
 # control (JSON, replaced atomically by the test helper):
 #   {"bad": {"read": [[off, len], ...], "write": [[off, len], ...]},
 #    "hang": "none" | "all" | "writes",
+#    "hangRanges": [[off, len], ...]   (optional: only requests overlapping
+#                                      these hang; flush then never hangs),
 #    "delayMs": {"read": N, "write": N}}
 # The file is re-read whenever its (inode, mtime, size) changes; a request
 # checks that with one stat() call. The helper also sends "reload" on the
@@ -44,6 +46,7 @@ _state = {
     "read": ([], []),   # (starts, ends), merged and sorted
     "write": ([], []),
     "hang": "none",
+    "hang_ranges": None,   # None: every request; else (starts, ends)
     "delay_read": 0.0,
     "delay_write": 0.0,
 }
@@ -88,6 +91,8 @@ def _load_control(force=False):
         _state["read"] = _merge(bad.get("read") or [])
         _state["write"] = _merge(bad.get("write") or [])
         _state["hang"] = doc.get("hang") or "none"
+        hr = doc.get("hangRanges")
+        _state["hang_ranges"] = None if hr is None else _merge(hr)
         _state["delay_read"] = float(delay.get("read") or 0) / 1000.0
         _state["delay_write"] = float(delay.get("write") or 0) / 1000.0
         _control_key = key
@@ -104,24 +109,28 @@ def _count(name, n=1):
         _stats[name] += n
 
 
-def _wait_while_hung(is_write):
+def _wait_while_hung(is_write, offset=None, count=0):
     _load_control()
-    if not _hung(is_write):
+    if not _hung(is_write, offset, count):
         return
     _count("blocked", 1)
     try:
         while True:
             time.sleep(0.005)
             _load_control()
-            if not _hung(is_write):
+            if not _hung(is_write, offset, count):
                 return
     finally:
         _count("blocked", -1)
 
 
-def _hung(is_write):
+def _hung(is_write, offset=None, count=0):
     h = _state["hang"]
-    return h == "all" or (h == "writes" and is_write)
+    if not (h == "all" or (h == "writes" and is_write)):
+        return False
+    if _state["hang_ranges"] is None:
+        return True
+    return offset is not None and _overlaps("hang_ranges", offset, count)
 
 
 def _fail_eio():
@@ -253,7 +262,7 @@ def can_multi_conn(h):
 
 
 def pread(h, buf, offset, flags):
-    _wait_while_hung(False)
+    _wait_while_hung(False, offset, len(buf))
     _count("reads")
     n = len(buf)
     if _state["delay_read"] > 0:
@@ -273,7 +282,7 @@ def pread(h, buf, offset, flags):
 
 
 def _write_checks(name, offset, count):
-    _wait_while_hung(True)
+    _wait_while_hung(True, offset, count)
     _count(name)
     if _state["delay_write"] > 0:
         time.sleep(_state["delay_write"])
