@@ -2,8 +2,9 @@
  * One device exported over NBD: listeners (unix socket and/or TCP), the
  * handshake per connection, then the transmission session.
  */
-import { chmod, lstat, unlink } from 'node:fs/promises';
+import { chmod, lstat, stat, unlink } from 'node:fs/promises';
 import * as net from 'node:net';
+import { dirname } from 'node:path';
 import type { Logger } from 'pino';
 import { ERRNO, RemapError } from '../../errors.js';
 import { exportView, type NbdBackend } from './backend.js';
@@ -65,6 +66,10 @@ export class NbdExport {
     try {
       if (opts.unixPath !== undefined) {
         const path = opts.unixPath;
+        // libuv reports a missing folder as EACCES when binding a unix socket: say what is wrong.
+        if (!(await stat(dirname(path)).then((st) => st.isDirectory(), () => false))) {
+          throw new RemapError(ERRNO.ENOENT, `the folder ${dirname(path)} of the NBD socket ${path} does not exist`, { device: opts.backend.name });
+        }
         await removeStaleSocket(path, opts.backend.name);
         const srv = ex.newServer();
         await listen(srv, { path });
