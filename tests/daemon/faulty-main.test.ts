@@ -104,7 +104,7 @@ describe('NBD export of a faulty main through the daemon', () => {
       `    h.pread(${BS}, ${300 * BS})`,
       '    print("read ok")',
       'except nbd.Error as e:',
-      '    print(errno.errorcode.get(e.errno, e.errno))',
+      '    print(errno.errorcode.get(e.errnum, e.errnum))',
     ].join('\n'));
     expect(errno).toBe('EIO');
     const s2 = await status(d, 'fm');
@@ -126,7 +126,7 @@ describe('NBD export of a faulty main through the daemon', () => {
     expect(s3.exports).toContain(`nbd+unix:///fm?socket=${nbd}`);
     await qemuIo(uri, `read -P 0xa1 ${96 * BS} 64k`, `read -P 0xb2 ${200 * BS} 8k`, `read -P 0xc3 ${512 * BS} 1M`);
     // Still unreadable after the restart (nothing was invented for it) ...
-    expect(nbdsh(uri, `import errno\ntry:\n    h.pread(${BS}, ${300 * BS})\n    print("read ok")\nexcept nbd.Error as e:\n    print(errno.errorcode.get(e.errno, e.errno))`)).toBe('EIO');
+    expect(nbdsh(uri, `import errno\ntry:\n    h.pread(${BS}, ${300 * BS})\n    print("read ok")\nexcept nbd.Error as e:\n    print(errno.errorcode.get(e.errnum, e.errnum))`)).toBe('EIO');
     // ... until it is written: the write goes to a new spare block and clears the pending state.
     await qemuIo(uri, `write -P 0xd4 ${300 * BS} 4k`, `read -P 0xd4 ${300 * BS} 4k`);
     const s4 = await status(d, 'fm');
