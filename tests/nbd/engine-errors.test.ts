@@ -5,8 +5,10 @@
  *   a remap fails with ENOSPC on the wire, status says spareExhausted, and
  *   the device keeps serving everything that needs no new spare block;
  * - `remapctl remove` while the main hangs with a client's READ in flight:
- *   that READ, and a new one sent during the removal, end with ESHUTDOWN;
- *   remapctl returns within --timeout + 1 s and says what was cancelled.
+ *   that READ, and a new one sent on its connection during the removal, end
+ *   with ESHUTDOWN; an idle connection is closed at once (libnbd: ENOTCONN);
+ *   the removal takes at most --timeout + 1 s (elapsedMs) and says what was
+ *   cancelled.
  */
 import { spawn } from 'node:child_process';
 import { existsSync, truncateSync, writeFileSync } from 'node:fs';
@@ -132,17 +134,21 @@ describe('engine errors over the wire', () => {
       'print(held())',
     ].join('\n'));
     await disk.waitBlocked(1);
-    const removing = ctl(dm.sock, 'remove', 'sd', '--timeout', '1000');
+    const removing = ctl(dm.sock, '--json', 'remove', 'sd', '--timeout', '1000');
     await new Promise((r) => setTimeout(r, 300));
     writeFileSync(JSON.parse(trigger) as string, '');
     const rm = await removing;
     const a = (await busy.out).split('\n');
     const b = (await idle.out).split('\n');
-    console.log(`[engine errors] remove with a hung main: exit ${rm.code} in ${rm.ms} ms: ${rm.stdout.trim()}${rm.stderr.trim()}; `
+    const rep = JSON.parse(rm.stdout) as { elapsedMs: number; timedOut: boolean; synced: boolean; cancelled: string[] };
+    console.log(`[engine errors] remove with a hung main: exit ${rm.code}, ${rep.elapsedMs} ms in the daemon, ${rm.ms} ms for remapctl; cancelled: ${rep.cancelled.join('; ')}; `
       + `busy connection: new READ ${a[0]} after ${a[1]} ms, held READ ${a[2]}; idle connection: READ ${b[0]} after ${b[1]} ms`);
-    expect(rm.ms).toBeLessThanOrEqual(2000);
+    // Within --timeout + 1 s in the daemon; remapctl's own start-up (a node process) comes on top of its wall time.
+    expect(rep.elapsedMs).toBeLessThanOrEqual(2000);
+    expect(rm.ms).toBeLessThanOrEqual(3000);
     expect(rm.code, rm.stderr).toBe(0);
-    expect(rm.stdout).toMatch(/^removed sd in \d+ ms \(deadline 1000 ms\), no final sync; cancelled: 2 NBD connection\(s\) closed; 1 request\(s\) abandoned \(answered ESHUTDOWN\)/);
+    expect(rep).toMatchObject({ timedOut: false, synced: false });
+    expect(rep.cancelled).toEqual(expect.arrayContaining(['2 NBD connection(s) closed', '1 request(s) abandoned (answered ESHUTDOWN)']));
     // The READ sent during the removal is refused at once, the held one at the deadline.
     expect(a[0]).toBe('ESHUTDOWN');
     expect(Number(a[1])).toBeLessThan(500);
