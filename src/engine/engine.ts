@@ -1035,8 +1035,10 @@ export class BlockEngine {
     this.stateValue = 'stopping';
     const drained = await within(this.drain(), deadline.remaining());
     const requestsAbandoned = drained.done ? 0 : this.inFlightRequests;
-    // Writes of a commit that timed out may still be in the kernel: report them.
-    const metadataAborted = !drained.done || this.writer.stats().outstandingWrites > 0;
+    // Metadata writes still in the kernel (a commit that timed out, or one
+    // cut short by this close) are what "aborted" reports; a stuck data
+    // request alone is requestsAbandoned.
+    const metadataAborted = this.writer.stats().outstandingWrites > 0;
     if (graceful && drained.done && this.carryRecords.length > 0 && !deadline.expired) {
       // Quarantine notes of failed commits: persist them if the disk lets us.
       await this.commit([], Math.max(1, deadline.remaining())).catch(() => undefined);
