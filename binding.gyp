@@ -7,7 +7,8 @@
         "native/backing.cc",
         "native/aligned.cc",
         "native/sys.cc",
-        "native/nbd_attach.cc"
+        "native/nbd_attach.cc",
+        "native/ublk.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")"

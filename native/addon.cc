@@ -5,6 +5,7 @@
 #include "backing.h"
 #include "nbd_attach.h"
 #include "sys.h"
+#include "ublk.h"
 
 namespace {
 // Never unmap this library: a worker_thread's environment unloads its addons
@@ -25,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   dmr::NativeBacking::Init(env, exports);
   dmr::InitSys(env, exports);
   dmr::InitNbdAttach(env, exports);
+  dmr::InitUblk(env, exports);
   return exports;
 }
 }  // namespace
