@@ -1,0 +1,1 @@
+export { attachUblkDevice, type UblkAttachment, type UblkOptions } from './attach.js';
