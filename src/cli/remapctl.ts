@@ -194,10 +194,11 @@ function buildProgram(out: { current: Output | null }): Command {
     .option('--nbd-unix <path>', 'export over NBD on this unix socket')
     .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
     .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto (prints the device)', nbdDeviceArg)
+    .option('--ublk', 'serve the device as /dev/ublkbN (prints the device)')
     .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
     .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
     .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
-      nbdTcp?: string; nbdDevice?: string; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
+      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
@@ -210,12 +211,14 @@ function buildProgram(out: { current: Output | null }): Command {
       if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
       if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
       if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
+      if (opts.ublk === true) args.ublk = true;
       if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
       if (opts.allowIdentityChange === true) args.allowIdentityChange = true;
       const d = (await request(g.socket, 'add', args, 600_000)) as DeviceStatus;
       o.print(`added ${d.name}: ${formatSize(d.sizeBytes)}, block size ${d.blockSize}, ${d.remappedBlocks} remapped, ${d.pendingBlocks} pending, `
         + `spare ${d.spareBlocksUsed}/${d.spareBlocksTotal} blocks used, ${d.openMode}${d.exports.length > 0 ? `; exports: ${d.exports.join(', ')}` : ''}`
-        + (opts.nbdDevice !== undefined ? `\n${d.exports.find((e) => e.startsWith('/dev/nbd')) ?? ''}` : ''), d);
+        + (opts.nbdDevice !== undefined ? `\n${d.exports.find((e) => e.startsWith('/dev/nbd')) ?? ''}` : '')
+        + (opts.ublk === true ? `\n${d.exports.find((e) => e.startsWith('/dev/ublkb')) ?? ''}` : ''), d);
     });
 
   program.command('remove')

@@ -33,6 +33,21 @@ export const attachKernelNbd: ExportStarter = async (engine, spec, logger) => {
   return { endpoints: [a.device], connectionCount: () => (a.session.state === 'closed' ? 0 : 1), close: (ms) => a.detach(ms) };
 };
 
+/** Serves the device as /dev/ublkbN for `spec.ublk` (src/frontends/ublk); loaded only when asked for. */
+export const attachKernelUblk: ExportStarter = async (engine, spec, logger) => {
+  if (spec.ublk !== true) return null;
+  const { attachUblkDevice } = await import('../frontends/ublk/index.js');
+  const a = await attachUblkDevice(engine, { readOnly: spec.readOnly, logger: logger.child({ device: spec.name }) });
+  return {
+    endpoints: [a.device],
+    connectionCount: () => 1,
+    close: async (ms) => {
+      await a.detach(ms);
+      return { connectionsClosed: 0 };
+    },
+  };
+};
+
 /** Both handles as one: closed in parallel within the same deadline. */
 function joinExports(a: ExportHandle | null, b: ExportHandle | null): ExportHandle | null {
   if (a === null || b === null) return a ?? b;
@@ -110,6 +125,8 @@ export interface DeviceManagerOptions {
   startExport: ExportStarter;
   /** The kernel NBD attach for specs with nbdDevice (default: attachKernelNbd). */
   attachNbd?: ExportStarter;
+  /** The ublk frontend for specs with ublk (default: attachKernelUblk). */
+  attachUblk?: ExportStarter;
   /** Metadata timeout when a spec gives none (5000). */
   defaultMetadataTimeoutMs?: number;
 }
@@ -199,6 +216,15 @@ export class DeviceManager {
       if (spec.nbdDevice !== undefined) {
         try {
           entry.exp = joinExports(entry.exp, await (this.o.attachNbd ?? attachKernelNbd)(engine, spec, this.log));
+        } catch (err) {
+          await entry.exp?.close(this.timeoutOf(spec)).catch(() => undefined);
+          await engine.close(this.timeoutOf(spec)).catch(() => undefined);
+          throw err;
+        }
+      }
+      if (spec.ublk === true) {
+        try {
+          entry.exp = joinExports(entry.exp, await (this.o.attachUblk ?? attachKernelUblk)(engine, spec, this.log));
         } catch (err) {
           await entry.exp?.close(this.timeoutOf(spec)).catch(() => undefined);
           await engine.close(this.timeoutOf(spec)).catch(() => undefined);

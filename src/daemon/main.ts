@@ -96,6 +96,7 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
   }
   const nbdDevice = argNbdDevice('add', args);
   if (nbdDevice !== undefined) spec.nbdDevice = nbdDevice;
+  if (argBool('add', args, 'ublk') === true) spec.ublk = true;
   const description = argString('add', args, 'description', true);
   if (description !== undefined) spec.description = description;
   return { spec, format: argBool('add', args, 'format') === true };

@@ -23,6 +23,8 @@ export interface DeviceSpec {
   nbdTcp?: { host: string; port: number };
   /** Attach the kernel NBD client: '/dev/nbdN' or 'auto'. */
   nbdDevice?: string;
+  /** Serve the device as /dev/ublkbN (docs/UBLK.md). */
+  ublk?: boolean;
   description?: string;
 }
 
