@@ -1,0 +1,187 @@
+#!/bin/sh
+# Guest test: dm-remapd devices served as /dev/ublkbN (ublk_drv, docs/UBLK.md).
+#  1. file-backed main + spare: `remapctl add --ublk` prints /dev/ublkbN;
+#     mkfs.ext4, mount, write, umount, fsck, remount, verify, O_DIRECT round
+#     trip; `remapctl remove` deletes it (no /dev/ublkcN left).
+#  2. main = loop device under a device-mapper linear table; an `error`
+#     segment is loaded live under a file's blocks; rewriting the file through
+#     /dev/ublkbN succeeds, `remapctl status --json` counts the remaps.
+#  3. throughput (dd, O_DIRECT) with USER_COPY and with per-tag buffers
+#     (DM_REMAPD_UBLK_COPY=buffers), plus a round trip and ext4 on the latter.
+#  4. no /dev/ublkcN left; `modprobe -r ublk_drv` succeeds.
+. "$(dirname "$0")/lib.sh"
+W=/tmp/dmr
+mkdir -p $W/state $W/mnt
+SOCK=$W/control.sock
+DPID=
+ctl() { node "$PROJECT/dist/src/cli/remapctl.js" --socket "$SOCK" "$@"; }
+json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const r=new Function("v","return "+process.argv[1])(v);console.log(r)})' "$1"; }
+cleanup() {
+	umount $W/mnt 2>/dev/null
+	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
+}
+trap cleanup EXIT
+
+section modules
+check modprobe modules ublk_drv dm-mod loop ext4
+
+section daemon
+T=$(up)
+node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state --control-socket "$SOCK" >$W/daemon.log 2>&1 &
+DPID=$!
+i=0
+while ! ctl list >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 300 ] || ! kill -0 $DPID 2>/dev/null; then break; fi
+	sleep 0.1
+done
+if ctl list >/dev/null 2>&1; then pass daemon-start "$(el "$T")"; else fail daemon-start "no control socket"; cat $W/daemon.log; finish; fi
+
+# ------------------------------------------------------------ 1: files
+section "ublk over files"
+truncate -s 256M $W/main.img
+truncate -s 32M $W/spare.img
+T=$(up)
+OUT=$(ctl add u0 --main $W/main.img --spare $W/spare.img --format --ublk 2>&1)
+echo "$OUT"
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/ublkb*) pass add-ublk "$DEV in $(el "$T")" ;; *) fail add-ublk "no device printed"; tail -20 $W/daemon.log; dmesg | tail -20; finish ;; esac
+ID=${DEV#/dev/ublkb}
+grep '"ublk-attached"' $W/daemon.log | tail -n1
+echo "size $(blockdev --getsize64 "$DEV") lbs $(blockdev --getss "$DEV") pbs $(blockdev --getpbsz "$DEV") ro $(blockdev --getro "$DEV")"
+echo "queue: write_cache=$(cat /sys/block/ublkb$ID/queue/write_cache) fua=$(cat /sys/block/ublkb$ID/queue/fua 2>/dev/null) discard_max=$(cat /sys/block/ublkb$ID/queue/discard_max_bytes) wz_max=$(cat /sys/block/ublkb$ID/queue/write_zeroes_max_bytes) max_kb=$(cat /sys/block/ublkb$ID/queue/max_sectors_kb)"
+
+write_files() { # DIR COUNT PREFIX
+	n=0
+	while [ $n -lt "$2" ]; do
+		head -c $((256 * 1024 + n * 4096)) /dev/urandom >"$1/$3$n.bin" || return 1
+		n=$((n + 1))
+	done
+	(cd "$1" && sha256sum ./*.bin >$W/sums-$3)
+}
+head -c 8M /dev/urandom >$W/pat
+check odirect-roundtrip sh -c "dd if=$W/pat of=$DEV bs=1M oflag=direct conv=fsync status=none && dd if=$DEV of=$W/back bs=1M count=8 iflag=direct status=none && cmp $W/pat $W/back"
+check discard blkdiscard -o 0 -l 8M "$DEV"
+check zeroout blkdiscard -z -o 0 -l 1M "$DEV"
+check zeroes-read sh -c "dd if=$DEV bs=1M count=1 iflag=direct status=none | cmp -n 1048576 - /dev/zero"
+T=$(up)
+check mkfs mkfs.ext4 -q -F -b 4096 "$DEV"
+check mount mount "$DEV" $W/mnt
+check write-files write_files $W/mnt 16 f
+check umount umount $W/mnt
+check fsck e2fsck -fn "$DEV"
+check remount mount "$DEV" $W/mnt
+check verify sh -c "cd $W/mnt && sha256sum -c --quiet $W/sums-f"
+check umount2 umount $W/mnt
+echo "ext4 cycle on $DEV: $(el "$T")"
+ctl status u0 --json | json '"reads "+v.stats.reads+" writes "+v.stats.writes+" flushes "+v.stats.flushes+" discards "+v.stats.discards+" writeZeroes "+v.stats.writeZeroes'
+T=$(up)
+check remove ctl remove u0
+echo "remove: $(el "$T")"
+grep '"ublk-detached"' $W/daemon.log | tail -n1
+[ -e /sys/block/ublkb$ID ] && fail ublkb-gone "/sys/block/ublkb$ID still exists" || pass ublkb-gone ""
+[ -e /sys/class/ublk-char/ublkc$ID ] && fail ublkc-gone "ublkc$ID still exists" || pass ublkc-gone ""
+
+# ------------------------------------------------------------ 2: device-mapper bad blocks
+section "ublk over dm with error segments"
+truncate -s 256M $W/dmain.img
+truncate -s 32M $W/dspare.img
+LOOP=$(losetup -f --show $W/dmain.img)
+SECTORS=$(blockdev --getsz "$LOOP")
+check dm-create dmsetup create dmrmain --table "0 $SECTORS linear $LOOP 0"
+dmsetup mknodes dmrmain # no udev in the guest
+T=$(up)
+OUT=$(ctl add u1 --main /dev/mapper/dmrmain --spare $W/dspare.img --format --ublk 2>&1)
+echo "$OUT"
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/ublkb*) pass add-ublk-dm "$DEV in $(el "$T")" ;; *) fail add-ublk-dm "no device printed"; tail -20 $W/daemon.log; finish ;; esac
+ID=${DEV#/dev/ublkb}
+check mkfs-dm mkfs.ext4 -q -F -b 4096 "$DEV"
+check mount-dm mount "$DEV" $W/mnt
+check write-files-dm write_files $W/mnt 8 g
+head -c 4M /dev/urandom >$W/victim.v1
+cp $W/victim.v1 $W/mnt/victim && sync
+EXT=$(filefrag -v -b4096 $W/mnt/victim | awk '$1 == "0:" { gsub(/[.:]/, " "); print $4, $6; exit }')
+PSTART=${EXT% *}
+PLEN=${EXT#* }
+BAD=$((PLEN < 64 ? PLEN : 64))
+echo "victim extent: block $PSTART, $PLEN blocks; making $BAD blocks bad"
+if [ -z "$PSTART" ] || [ "$BAD" -le 0 ]; then fail filefrag "cannot locate the victim: $(filefrag -v -b4096 $W/mnt/victim)"; finish; fi
+S0=$((PSTART * 8))
+SL=$((BAD * 8))
+TABLE="0 $S0 linear $LOOP 0
+$S0 $SL error
+$((S0 + SL)) $((SECTORS - S0 - SL)) linear $LOOP $((S0 + SL))"
+check dm-suspend dmsetup suspend dmrmain
+check dm-load sh -c "printf '%s\n' '$TABLE' | dmsetup load dmrmain"
+check dm-resume dmsetup resume dmrmain
+BEFORE=$(ctl status u1 --json | json v.remappedBlocks)
+head -c 4M /dev/urandom >$W/victim.v2
+T=$(up)
+check rewrite-over-bad dd if=$W/victim.v2 of=$W/mnt/victim bs=1M conv=notrunc,fsync oflag=direct status=none
+echo "rewrite over bad blocks: $(el "$T")"
+AFTER=$(ctl status u1 --json | json v.remappedBlocks)
+WERR=$(ctl status u1 --json | json v.writeErrors)
+echo "remappedBlocks $BEFORE -> $AFTER, writeErrors $WERR"
+[ "$AFTER" -ge $((BEFORE + BAD)) ] && pass remaps-counted "$BEFORE -> $AFTER (>= +$BAD)" || fail remaps-counted "$BEFORE -> $AFTER, expected +$BAD"
+echo 3 >/proc/sys/vm/drop_caches
+check victim-reads-back cmp $W/victim.v2 $W/mnt/victim
+check umount-dm umount $W/mnt
+check fsck-dm e2fsck -fn "$DEV"
+check remount-dm mount "$DEV" $W/mnt
+check verify-dm sh -c "cd $W/mnt && sha256sum -c --quiet $W/sums-g && cmp $W/victim.v2 victim"
+check umount-dm2 umount $W/mnt
+ctl status u1
+T=$(up)
+check remove-dm ctl remove u1
+echo "remove: $(el "$T")"
+[ -e /sys/class/ublk-char/ublkc$ID ] && fail ublkc-gone-dm "ublkc$ID still exists" || pass ublkc-gone-dm ""
+check dm-remove dmsetup remove dmrmain
+losetup -d "$LOOP"
+
+# ------------------------------------------------------------ 3: throughput, both copy modes
+section "ublk throughput (USER_COPY, then per-tag buffers)"
+truncate -s 256M $W/tmain.img
+truncate -s 16M $W/tspare.img
+ddrate() { # LABEL DD-ARGS...: prints MB/s from dd's wall time
+	label=$1
+	shift
+	t=$(up)
+	dd "$@" status=none || return 1
+	awk -v l="$label" -v a="$t" -v b="$(up)" 'BEGIN{printf "THROUGHPUT %s %.1f MB/s (%.2fs)\n", l, 64/(b-a), b-a}'
+}
+OUT=$(ctl add u2 --main $W/tmain.img --spare $W/tspare.img --format --ublk 2>&1)
+DEV=$(echo "$OUT" | tail -n1)
+check tp-write-usercopy ddrate usercopy-write if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
+check tp-read-usercopy ddrate usercopy-read if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
+check tp-read4k-usercopy ddrate usercopy-read-4k if="$DEV" of=/dev/null bs=4k count=16384 iflag=direct
+check remove-tp ctl remove u2
+kill "$DPID" && wait "$DPID"
+echo "daemon exit $?"
+DM_REMAPD_UBLK_COPY=buffers node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state3 --control-socket "$SOCK" >$W/daemon3.log 2>&1 &
+DPID=$!
+i=0
+while ! ctl list >/dev/null 2>&1 && [ $i -lt 300 ] && kill -0 $DPID 2>/dev/null; do i=$((i + 1)); sleep 0.1; done
+OUT=$(ctl add u3 --main $W/tmain.img --spare $W/tspare.img --ublk 2>&1)
+DEV=$(echo "$OUT" | tail -n1)
+grep -q '"userCopy":false' $W/daemon3.log && pass per-tag-buffers-used "" || fail per-tag-buffers-used "$(grep ublk-attached $W/daemon3.log)"
+check tp-write-buffers ddrate buffers-write if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
+check tp-read-buffers ddrate buffers-read if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
+check tp-read4k-buffers ddrate buffers-read-4k if="$DEV" of=/dev/null bs=4k count=16384 iflag=direct
+head -c 8M /dev/urandom >$W/pat2
+check buffers-roundtrip sh -c "dd if=$W/pat2 of=$DEV bs=1M oflag=direct conv=fsync status=none && dd if=$DEV of=$W/back2 bs=1M count=8 iflag=direct status=none && cmp $W/pat2 $W/back2"
+check mkfs-buffers mkfs.ext4 -q -F -b 4096 "$DEV"
+check fsck-buffers e2fsck -fn "$DEV"
+check remove-buffers ctl remove u3
+
+section daemon
+kill "$DPID" && wait "$DPID"
+echo "daemon exit $?"
+DPID=
+check no-ublkc sh -c '! ls /sys/class/ublk-char/ 2>/dev/null | grep -q ublkc'
+check modprobe-r-ublk unload ublk_drv
+echo "daemon warnings: $(grep -c '"level":40' $W/daemon.log), errors: $(grep -cE '"level":(50|60)' $W/daemon.log)"
+grep -E '"level":(40|50|60)' $W/daemon.log | tail -n 20
+section "dmesg (filtered)"
+dmesg | grep -iE 'ublk|device-mapper|ext4|error|warn|call trace|hung' | tail -n 30
+finish
