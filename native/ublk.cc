@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -360,7 +361,10 @@ void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
   io_uring ring;
   unsigned entries = 1;
   while (entries < q.depth * 2 + 2) entries <<= 1;
-  int rc = io_uring_queue_init(entries, &ring, IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER);
+  // DM_REMAPD_UBLK_RING=plain: no COOP_TASKRUN/SINGLE_ISSUER (latency comparisons).
+  const char* ringEnv = getenv("DM_REMAPD_UBLK_RING");
+  bool plain = ringEnv != nullptr && strcmp(ringEnv, "plain") == 0;
+  int rc = plain ? -EINVAL : io_uring_queue_init(entries, &ring, IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER);
   if (rc < 0) rc = io_uring_queue_init(entries, &ring, 0);
   if (rc < 0) {
     std::lock_guard<std::mutex> lock(q.mu);

@@ -143,31 +143,32 @@ losetup -d "$LOOP"
 section "ublk throughput (USER_COPY, then per-tag buffers)"
 truncate -s 256M $W/tmain.img
 truncate -s 16M $W/tspare.img
-ddrate() { # LABEL DD-ARGS...: prints MB/s from dd's wall time
+ddrate() { # LABEL MIB DD-ARGS...: prints MB/s and IOPS from dd's wall time
 	label=$1
-	shift
+	mib=$2
+	shift 2
 	t=$(up)
 	dd "$@" status=none || return 1
-	awk -v l="$label" -v a="$t" -v b="$(up)" 'BEGIN{printf "THROUGHPUT %s %.1f MB/s (%.2fs)\n", l, 64/(b-a), b-a}'
+	awk -v l="$label" -v m="$mib" -v a="$t" -v b="$(up)" -v args="$*" 'BEGIN{bs=index(args,"bs=4k")?4096:1048576; printf "THROUGHPUT %s %.1f MiB/s %.0f IOPS (%.2fs)\n", l, m/(b-a), m*1048576/bs/(b-a), b-a}'
 }
 OUT=$(ctl add u2 --main $W/tmain.img --spare $W/tspare.img --format --ublk 2>&1)
 DEV=$(echo "$OUT" | tail -n1)
-check tp-write-usercopy ddrate usercopy-write if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
-check tp-read-usercopy ddrate usercopy-read if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
-check tp-read4k-usercopy ddrate usercopy-read-4k if="$DEV" of=/dev/null bs=4k count=16384 iflag=direct
+check tp-write-usercopy ddrate usercopy-write 64 if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
+check tp-read-usercopy ddrate usercopy-read 64 if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
+check tp-read4k-usercopy ddrate usercopy-read-4k-qd1 8 if="$DEV" of=/dev/null bs=4k count=2048 iflag=direct
 check remove-tp ctl remove u2
 kill "$DPID" && wait "$DPID"
 echo "daemon exit $?"
-DM_REMAPD_UBLK_COPY=buffers node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state3 --control-socket "$SOCK" >$W/daemon3.log 2>&1 &
+DM_REMAPD_UBLK_COPY=buffers DM_REMAPD_UBLK_RING=plain node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state3 --control-socket "$SOCK" >$W/daemon3.log 2>&1 &
 DPID=$!
 i=0
 while ! ctl list >/dev/null 2>&1 && [ $i -lt 300 ] && kill -0 $DPID 2>/dev/null; do i=$((i + 1)); sleep 0.1; done
 OUT=$(ctl add u3 --main $W/tmain.img --spare $W/tspare.img --ublk 2>&1)
 DEV=$(echo "$OUT" | tail -n1)
 grep -q '"userCopy":false' $W/daemon3.log && pass per-tag-buffers-used "" || fail per-tag-buffers-used "$(grep ublk-attached $W/daemon3.log)"
-check tp-write-buffers ddrate buffers-write if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
-check tp-read-buffers ddrate buffers-read if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
-check tp-read4k-buffers ddrate buffers-read-4k if="$DEV" of=/dev/null bs=4k count=16384 iflag=direct
+check tp-write-buffers ddrate buffers-write 64 if=/dev/zero of="$DEV" bs=1M count=64 oflag=direct
+check tp-read-buffers ddrate buffers-read 64 if="$DEV" of=/dev/null bs=1M count=64 iflag=direct
+check tp-read4k-buffers ddrate buffers-plainring-read-4k-qd1 8 if="$DEV" of=/dev/null bs=4k count=2048 iflag=direct
 head -c 8M /dev/urandom >$W/pat2
 check buffers-roundtrip sh -c "dd if=$W/pat2 of=$DEV bs=1M oflag=direct conv=fsync status=none && dd if=$DEV of=$W/back2 bs=1M count=8 iflag=direct status=none && cmp $W/pat2 $W/back2"
 check mkfs-buffers mkfs.ext4 -q -F -b 4096 "$DEV"
