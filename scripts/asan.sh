@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds the native addon with AddressSanitizer + LeakSanitizer into
-# build-asan/ (the normal build/Release addon is left alone) and runs the
-# native tests (tests/native) against it.
+# build-asan/ (the normal build/Release addon is left alone), runs the native
+# tests (tests/native) against it, then the daemon with it over add/remove
+# cycles (tests/leaks/cycles.test.ts, DMR_LEAK_ASAN=1). docs/RELIABILITY.md.
 #
-#   bash scripts/asan.sh            # build (incremental) + run tests/native
+#   bash scripts/asan.sh            # build (incremental), tests/native, then the daemon
+#                                   # under LSan over add/remove cycles (tests/leaks)
 #   bash scripts/asan.sh --build    # build only
+#   bash scripts/asan.sh --native   # tests/native only
 #   bash scripts/asan.sh -- ARGS    # extra vitest arguments (e.g. a file)
 #   DMR_ASAN_REV=HEAD bash scripts/asan.sh   # native code of a commit, not the work tree
 #
@@ -15,13 +18,12 @@
 #  - CFLAGS/CXXFLAGS/LDFLAGS are picked up by gyp's make generator.
 #  - node itself is not instrumented, so the ASan runtime is preloaded
 #    (LD_PRELOAD=$(gcc -print-file-name=libasan.so)); it intercepts every
-#    malloc/free of the process, so LeakSanitizer checks each node process
-#    (vitest's fork workers included) when it exits.
+#    malloc/free of the process, so LeakSanitizer checks the whole process
+#    (node, V8, libuv and the addon) when it exits.
 #  - src/native/binding.ts loads the addon named by DM_REMAPD_ADDON.
-#  - Node's own exit-time leaks are suppressed by tests/leaks/lsan.supp
-#    (node/V8/libuv/libc frames only; each entry is explained there). With
-#    print_suppressions=1 every matched suppression is printed, so the list
-#    can be audited from the output.
+#  - Suppressions: tests/leaks/lsan.supp (never our addon's frames; each
+#    entry is explained there). With print_suppressions=1 every matched
+#    suppression is printed with its count, so they can be audited.
 #  - vitest runs with --pool=threads --maxWorkers=1: every test file runs in a
 #    worker_thread of the one vitest process, and LeakSanitizer runs when that
 #    process exits, after vitest has terminated the workers (which tears their
@@ -42,10 +44,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 build_only=0
+native_only=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build_only=1; shift ;;
+    --native) native_only=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -106,4 +110,18 @@ env DM_REMAPD_ADDON="$ADDON" LD_PRELOAD="$LIBASAN" \
 rc=$?
 set -e
 echo "asan: tests/native under ASan/LSan: exit $rc in $(( $(date +%s) - t1 )) s"
+[ "$rc" = 0 ] || exit $rc
+[ "$native_only" = 1 ] && exit 0
+
+# The daemon (dist/, built here) with this addon and libasan preloaded, over
+# add/remove cycles with NBD I/O; its LSan report files must be absent and its
+# exit code 0 (tests/leaks/cycles.test.ts, DMR_LEAK_ASAN=1; suppressions in
+# tests/leaks/lsan-daemon.supp). Only the daemon runs under ASan here.
+t2=$(date +%s)
+npm run build --silent
+set +e
+DMR_LEAK_ASAN=1 node node_modules/vitest/vitest.mjs run tests/leaks/cycles.test.ts
+rc=$?
+set -e
+echo "asan: daemon under ASan/LSan over add/remove cycles: exit $rc in $(( $(date +%s) - t2 )) s"
 exit $rc

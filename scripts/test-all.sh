@@ -5,3 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 npx vitest run "$@"
+
+# The native addon under AddressSanitizer/LeakSanitizer: tests/native, then the
+# daemon over add/remove cycles (~16 s warm, ~25 s cold; docs/RELIABILITY.md).
+bash scripts/asan.sh
