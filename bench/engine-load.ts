@@ -1,9 +1,10 @@
 /**
  * Drives a BlockEngine from JS at a fixed queue depth: QD requests stay
- * outstanding through engine.submit(), each completion issues the next.
+ * outstanding through engine.submitCb() (the frontends' path), each completion issues the next.
  */
 import { allocAligned } from '../src/native/backing.js';
-import type { BlockEngine } from '../src/engine/engine.js';
+import type { BlockEngine, EngineRequest } from '../src/engine/engine.js';
+import type { RemapError } from '../src/errors.js';
 import { xorshift32 } from './util.js';
 
 export interface Workload {
@@ -56,9 +57,13 @@ export async function runEngineLoad(engine: BlockEngine, w: Workload, seconds: n
       const u32 = new Uint32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >>> 2);
       for (let i = 0; i < u32.length; i++) u32[i] = r();
     }
+    // submitCb, as the frontends (NBD, ublk) drive the engine: no promise per request.
+    const req: EngineRequest = { op: w.op, offset: 0, length: w.bs, buffer };
+    const onComplete = (err: RemapError | null): void => (err === null ? onDone() : onError(err));
     const issue = (): void => {
       outstanding++;
-      engine.submit({ op: w.op, offset: nextOffset(), length: w.bs, buffer }).then(onDone, onError);
+      req.offset = nextOffset();
+      engine.submitCb(req, onComplete);
     };
     const after = (): void => {
       outstanding--;
