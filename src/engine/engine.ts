@@ -606,12 +606,7 @@ export class BlockEngine {
    */
   private async recoverMainWrite(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, fua: boolean): Promise<void> {
     const bs = this.blockSize;
-    if (res >= 0) res = -ERRNO.EIO;
-    if (classifyErrno(res) !== 'media') {
-      this.stats.writeErrors++;
-      throw this.nonMediaError(res, 'write', { target: 'main', offset: first * bs });
-    }
-    this.stats.writeErrors++;
+    this.countWriteError(res, { target: 'main', offset: first * bs });
     const bad: RemapItem[] = [];
     for (let i = 0; i < count; i++) {
       const logical = first + i;
@@ -632,15 +627,20 @@ export class BlockEngine {
     if (bad.length > 0) await this.remapWithData(bad, 'write-error');
   }
 
+  /**
+   * Count a failed write; anything but a media error (a short write counts
+   * as one) fails the request here, without remapping.
+   */
+  private countWriteError(res: number, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): void {
+    this.stats.writeErrors++;
+    const errno = res >= 0 ? -ERRNO.EIO : res;
+    if (classifyErrno(errno) !== 'media') throw this.nonMediaError(errno, 'write', ctx);
+  }
+
   /** A write to a spare-mapped block failed: mark that spare block bad and move the data on. */
   private async recoverSpareWrite(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, fua: boolean): Promise<void> {
     const bs = this.blockSize;
-    if (res >= 0) res = -ERRNO.EIO;
-    if (classifyErrno(res) !== 'media') {
-      this.stats.writeErrors++;
-      throw this.nonMediaError(res, 'write', { target: 'spare', block: first, offset: this.spareOffset(this.table.get(first)) });
-    }
-    this.stats.writeErrors++;
+    this.countWriteError(res, { target: 'spare', block: first, offset: this.spareOffset(this.table.get(first)) });
     const bad: RemapItem[] = [];
     for (let i = 0; i < count; i++) {
       const logical = first + i;

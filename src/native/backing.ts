@@ -6,7 +6,7 @@
  * I/O errors are results (negative errno), never exceptions. See docs/NATIVE.md.
  */
 import { ERRNO, RemapError } from '../errors.js';
-import { loadBinding, type NativeBackingHandle } from './binding.js';
+import { loadBinding, type NativeBackingHandle, type NativeBackingInfo } from './binding.js';
 
 export const BackingOp = { READ: 0, WRITE: 1, FDATASYNC: 2, DISCARD: 3, WRITE_ZEROES: 4 } as const;
 export type BackingOpCode = (typeof BackingOp)[keyof typeof BackingOp];
@@ -26,22 +26,8 @@ export interface OpenOptions {
   queueDepth?: number;
 }
 
-export interface BackingInfo {
-  path: string;
-  sizeBytes: number;
-  logicalBlockSize: number;
-  physicalBlockSize: number;
-  isBlockDevice: boolean;
-  openMode: 'direct' | 'buffered';
-  readOnly: boolean;
-  dev: number;
-  ino: number;
-  rdev: number;
-  /** io_uring setup in use: 'defer_taskrun' (6.1+), 'coop_taskrun' or 'plain'. */
-  ringSetup: string;
-  /** Buffer address alignment required in direct mode. */
-  dioMemAlign: number;
-}
+/** What an open backing device is (the addon's own description of it). */
+export type BackingInfo = NativeBackingInfo;
 
 export interface BackingStats {
   /** Native submit calls (one per flushed batch). */
