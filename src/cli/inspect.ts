@@ -39,10 +39,14 @@ function problemsOf(copies: CopyReport[]): string[] {
   const out: string[] = [];
   for (const c of copies) {
     for (const s of c.structures) {
-      // An unused checkpoint slot is "empty": normal, not a problem.
-      if (!s.valid && !(s.structure.startsWith('checkpoint slot') && (s.reason ?? '').startsWith('empty'))) out.push(`copy ${c.copy}: ${s.structure} at offset ${s.offset} is bad${s.reason ? `: ${s.reason}` : ''}`);
+      // An unused checkpoint slot is "empty", an older one "superseded": normal, not a problem.
+      if (!s.valid && !(s.structure.startsWith('checkpoint slot') && /^(empty|superseded)/.test(s.reason ?? ''))) out.push(`copy ${c.copy}: ${s.structure} at offset ${s.offset} is bad${s.reason ? `: ${s.reason}` : ''}`);
     }
-    if (!c.valid && c.structures.every((s) => s.valid)) out.push(`copy ${c.copy} does not hold the whole loaded state`);
+    if (!c.valid && !out.some((l) => l.startsWith(`copy ${c.copy}:`))) {
+      // No structure is unreadable, yet this copy misses part of the state: stale (an older image) or damaged journal blocks.
+      const j = c.structures.find((s) => s.structure === 'journal');
+      out.push(`copy ${c.copy}: does not hold the whole loaded state${j ? ` (journal reaches seq ${j.seq ?? 0}${j.reason ? `; ${j.reason}` : ''})` : ''}`);
+    }
   }
   return out;
 }

@@ -307,7 +307,15 @@ async function scan(io: MetaIO, opts: LoadOptions): Promise<LoadedMetadata> {
     }
     warnings.push(`checkpoint seq ${cand.seq} in slot ${cand.slot} is damaged in both copies; trying an older one`);
   }
-  for (const c of [0, 1] as const) copies[c].structures.push(...slotReports[c]);
+  for (const c of [0, 1] as const) {
+    for (const rep of slotReports[c]) {
+      // An older checkpoint that was not needed is not damage: say so instead of leaving it "invalid" without a reason.
+      if (chosen && !rep.valid && rep.reason === undefined && rep.seq !== undefined && rep.seq < chosen.seq) {
+        rep.reason = `superseded: older checkpoint seq ${rep.seq}, not needed (checkpoint seq ${chosen.seq} is used)`;
+      }
+    }
+    copies[c].structures.push(...slotReports[c]);
+  }
   if (!chosen) {
     for (const c of [0, 1] as const) copies[c].structures.push({ structure: 'journal', offset: layout.copies[c].journal, valid: false, reason: 'not read' });
     throw new LoadFailure(
