@@ -1,6 +1,9 @@
+import { readFileSync, realpathSync, statSync } from 'node:fs';
+import { basename } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { ERRNO, RemapError } from '../errors.js';
 import { BackingDevice } from '../native/backing.js';
+import type { NativeBackingInfo } from '../native/binding.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
@@ -70,6 +73,25 @@ function rebuild(records: readonly MetaRecord[]): { table: RemapTable; pending: 
 }
 
 /**
+ * Where a file or a loop device keeps its bytes: the file's dev/inode and
+ * byte range (a loop device: its backing file, offset and size limit from
+ * sysfs). Null when unknown (another kind of block device, a deleted backing
+ * file).
+ */
+function backingRange(info: NativeBackingInfo): { file: string; dev: number; ino: number; start: number; end: number } | null {
+  if (!info.isBlockDevice) return { file: info.path, dev: info.dev, ino: info.ino, start: 0, end: info.sizeBytes };
+  try {
+    const sys = `/sys/class/block/${basename(realpathSync(info.path))}/loop`;
+    const file = readFileSync(`${sys}/backing_file`, 'utf8').trim();
+    const st = statSync(file);
+    const start = Number(readFileSync(`${sys}/offset`, 'utf8').trim());
+    return { file, dev: st.dev, ino: st.ino, start, end: start + info.sizeBytes };
+  } catch {
+    return null;
+  }
+}
+
+/**
  * The journal takes at most 1/16 of a small spare area per copy, between
  * 64 KiB and 8 MiB: big journals make checkpoints rare, small spares still fit.
  */
@@ -110,6 +132,13 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
       const same = a.isBlockDevice ? b.isBlockDevice && a.rdev === b.rdev : !b.isBlockDevice && a.dev === b.dev && a.ino === b.ino;
       if (same) {
         throw new RemapError(ERRNO.EINVAL, `spare ${o.sparePath} is the main ${o.mainPath} itself; use a tail region instead`, { device: o.name, op: 'open' });
+      }
+      const ma = backingRange(a);
+      const sb = backingRange(b);
+      if (ma !== null && sb !== null && ma.dev === sb.dev && ma.ino === sb.ino && ma.start < sb.end && sb.start < ma.end) {
+        throw new RemapError(ERRNO.EINVAL, `spare ${o.sparePath} overlaps the main ${o.mainPath}: both are stored in ${ma.file} (bytes ${sb.start}..${sb.end} and ${ma.start}..${ma.end})`, {
+          device: o.name, op: 'open',
+        });
       }
       areaBytes = spare.info.sizeBytes;
       exportedBytes = main.info.sizeBytes;
