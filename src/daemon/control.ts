@@ -3,7 +3,8 @@
  * protocol.ts. Peers are checked with SO_PEERCRED: root, or a member of the
  * configured group. Nothing a client sends can crash the daemon.
  */
-import { chmod, chown, mkdir, unlink } from 'node:fs/promises';
+import { chmod, chown, unlink } from 'node:fs/promises';
+import { mkdirTree } from './mkdir.js';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from 'pino';
@@ -46,7 +47,9 @@ export class ControlServer {
 
   async listen(): Promise<void> {
     const { path } = this.o;
-    await mkdir(dirname(path), { recursive: true, mode: 0o755 });
+    // sun_path holds 107 bytes and a NUL: libuv silently binds a longer path truncated, and leaves that socket behind.
+    if (Buffer.byteLength(path) > 107) throw new ControlError('INVALID_ARGUMENT', `control socket path is longer than 107 bytes: ${path}`);
+    mkdirTree(dirname(path), 0o755);
     if (await probe(path)) {
       throw new ControlError('BUSY', `another dm-remapd already listens on ${path}`);
     }

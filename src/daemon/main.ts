@@ -4,7 +4,8 @@
  * the control socket, reassembles the remembered devices, and removes them
  * cleanly on SIGTERM/SIGINT. Logs are pino JSON lines on stdout.
  */
-import { mkdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
+import { mkdirTree } from './mkdir.js';
 import { join } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import pino, { type Logger } from 'pino';
@@ -153,7 +154,7 @@ async function run(): Promise<number> {
   let groupId: number | undefined;
   try {
     groupId = resolveGroup(cfg.controlGroup);
-    mkdirSync(cfg.stateDir, { recursive: true, mode: 0o755 });
+    mkdirTree(cfg.stateDir, 0o755);
   } catch (err) {
     log.fatal({ event: 'start-failed', error: errorBody(err) }, `cannot start: ${(err as Error).message}`);
     return 1;

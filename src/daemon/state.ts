@@ -2,7 +2,8 @@
  * `<stateDir>/devices.json`: the devices to reassemble at start. Written
  * atomically (temp file, fsync, rename, fsync of the folder).
  */
-import { mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
+import { open, readFile, rename, unlink } from 'node:fs/promises';
+import { mkdirTree } from './mkdir.js';
 import { join } from 'node:path';
 import { ControlError } from './protocol.js';
 
@@ -87,7 +88,7 @@ export class StateFile {
   }
 
   private async write(text: string): Promise<void> {
-    await mkdir(this.dir, { recursive: true, mode: 0o755 });
+    mkdirTree(this.dir, 0o755);
     const tmp = `${this.path}.tmp-${process.pid}`;
     const fh = await open(tmp, 'w', 0o644);
     try {
