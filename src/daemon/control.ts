@@ -3,7 +3,7 @@
  * protocol.ts. Peers are checked with SO_PEERCRED: root, or a member of the
  * configured group. Nothing a client sends can crash the daemon.
  */
-import { chmod, chown, unlink } from 'node:fs/promises';
+import { chmod, chown, lstat, unlink } from 'node:fs/promises';
 import { mkdirTree } from './mkdir.js';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
@@ -53,7 +53,13 @@ export class ControlServer {
     if (await probe(path)) {
       throw new ControlError('BUSY', `another dm-remapd already listens on ${path}`);
     }
-    await unlink(path).catch(() => undefined); // stale socket of a dead daemon
+    // A stale socket of a dead daemon is replaced; anything else at that path
+    // (a mistyped config naming a real file) is refused, never deleted.
+    const st = await lstat(path).catch(() => null);
+    if (st !== null && !st.isSocket()) {
+      throw new ControlError('INVALID_ARGUMENT', `control socket path ${path} exists and is not a socket; refusing to replace it`);
+    }
+    if (st !== null) await unlink(path).catch(() => undefined);
     const mode = this.o.mode ?? (this.o.groupId !== undefined ? 0o660 : 0o600);
     const server = createServer((s) => this.accept(s));
     server.on('error', (err) => this.log.error({ event: 'control-error', err }, 'control socket error'));

@@ -106,4 +106,14 @@ describe('config-file errors', () => {
     expect(await d.stop()).toBe(0);
     expect(existsSync(join(run, 'c.sock'))).toBe(false);
   });
+
+  it('a control socket path that names an existing regular file is refused, and the file is kept', async () => {
+    const file = join(dir, 'precious.txt');
+    writeFileSync(file, 'keep me');
+    const r = await runNode(DAEMON, ['--state-dir', join(dir, 'precious-state'), '--control-socket', file]);
+    expect(r.code).toBe(1);
+    expect(r.stdout + r.stderr).toMatch(/exists and is not a socket; refusing to replace it/);
+    const { readFileSync } = await import('node:fs');
+    expect(readFileSync(file, 'utf8')).toBe('keep me');
+  });
 });
