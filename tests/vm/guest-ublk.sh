@@ -10,32 +10,12 @@
 #     (DM_REMAPD_UBLK_COPY=buffers), plus a round trip and ext4 on the latter.
 #  4. no /dev/ublkcN left; `modprobe -r ublk_drv` succeeds.
 . "$(dirname "$0")/lib.sh"
-W=/tmp/dmr
-mkdir -p $W/state $W/mnt
-SOCK=$W/control.sock
-DPID=
-ctl() { node "$PROJECT/dist/src/cli/remapctl.js" --socket "$SOCK" "$@"; }
-json() { node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const v=JSON.parse(s);const r=new Function("v","return "+process.argv[1])(v);console.log(r)})' "$1"; }
-cleanup() {
-	umount $W/mnt 2>/dev/null
-	[ -n "$DPID" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-}
-trap cleanup EXIT
+. "$(dirname "$0")/guest-daemon.sh"
 
 section modules
 check modprobe modules ublk_drv dm-mod loop ext4
 
-section daemon
-T=$(up)
-node "$PROJECT/dist/src/daemon/main.js" --state-dir $W/state --control-socket "$SOCK" >$W/daemon.log 2>&1 &
-DPID=$!
-i=0
-while ! ctl list >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 300 ] || ! kill -0 $DPID 2>/dev/null; then break; fi
-	sleep 0.1
-done
-if ctl list >/dev/null 2>&1; then pass daemon-start "$(el "$T")"; else fail daemon-start "no control socket"; cat $W/daemon.log; finish; fi
+start_daemon
 
 # ------------------------------------------------------------ 1: files
 section "ublk over files"
