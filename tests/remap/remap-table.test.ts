@@ -116,7 +116,7 @@ describe('RemapTable against a Map model', () => {
     expect(copy.keys[0]).toBe(4);
     expect(copy.values[copy.values.length - 1]).toBe(n - 2);
     console.log(`[remap perf] copyEntries() of ${table.size} entries: ${best.toFixed(2)} ms`);
-    expect(best).toBeLessThan(50); // generous for CI; ~3-8 ms on a laptop
+    // its time is printed, not asserted (see bench:engine for speed figures)
   });
 
   it('keeps its invariants through bulk inserts and deletes in random order', () => {
