@@ -20,18 +20,8 @@ import { fillFile, fioVersion, runFio, type FioResult } from './fio.js';
 import { remapScattered, runEngineLoad, type LoadResult, type RemapRun, type Workload } from './engine-load.js';
 import { benchRemapTable, type TableBenchResult } from './table-bench.js';
 import { benchCommitLatency, benchGroupCommit, type CommitLatencyResult, type GroupCommitResult } from './metadata-bench.js';
-import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict } from './util.js';
+import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict, MiB, GiB, envNumber } from './util.js';
 
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
-
-function envNumber(name: string, def: number, min: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return def;
-  const v = Number(raw);
-  if (!Number.isFinite(v) || v < min) throw new Error(`${name}=${raw}: expected a number >= ${min}`);
-  return v;
-}
 
 const SECONDS = envNumber('BENCH_SECONDS', 5, 1);
 const FILE_BYTES = Math.floor((envNumber('BENCH_FILE_GB', 4, 0.0625) * GiB) / MiB) * MiB;

@@ -30,18 +30,8 @@ import {
   type DmRemapdServer, type NbdServer,
 } from './nbd-servers.js';
 import { summarizeProfiles } from './nbd-profile.js';
-import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict } from './util.js';
+import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict, MiB, GiB, envNumber } from './util.js';
 
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
-
-function envNumber(name: string, def: number, min: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return def;
-  const v = Number(raw);
-  if (!Number.isFinite(v) || v < min) throw new Error(`${name}=${raw}: expected a number >= ${min}`);
-  return v;
-}
 
 const SECONDS = envNumber('BENCH_SECONDS', 5, 1);
 const FILE_BYTES = Math.floor((envNumber('BENCH_FILE_GB', 2, 0.0625) * GiB) / MiB) * MiB;

@@ -114,3 +114,15 @@ export function xorshift32(seed: number): () => number {
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
+
+export const MiB = 1024 * 1024;
+export const GiB = 1024 * MiB;
+
+/** A numeric setting from the environment (BENCH_SECONDS, ...), with a default and a floor. */
+export function envNumber(name: string, def: number, min: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return def;
+  const v = Number(raw);
+  if (!Number.isFinite(v) || v < min) throw new Error(`${name}=${raw}: expected a number >= ${min}`);
+  return v;
+}

@@ -16,22 +16,8 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanup, ctl, startDaemon, tempDir, type CtlResult, type Daemon } from '../daemon/helpers.js';
+import { Rng } from './rng.js';
 
-class Rng {
-  private s: number;
-  constructor(seed: number) { this.s = (seed >>> 0) || 0x9e3779b9; }
-  u32(): number {
-    let x = this.s;
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    this.s = x;
-    return x;
-  }
-  int(n: number): number { return this.u32() % n; }
-  pick<T>(a: readonly T[]): T { return a[this.int(a.length)]; }
-  chance(p: number): boolean { return this.u32() / 0x1_0000_0000 < p; }
-}
 
 const GARBAGE = ['', ' ', '-1', '0', '1', '-0', '4096', '512', '1000', '12Q', '1M', '1.5G', '99999999999999999999', '9007199254740993', '1e9', 'NaN', 'Infinity',
   '0x10', '--', '-', 'ünï©ødé', '🙂🙂', '\u202e', 'a'.repeat(5000), '../evil', 'localhost', 'localhost:99999', '[::1]:0', ':0', '/nonexistent/x.img',

@@ -19,6 +19,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanup, ctl, request, startDaemon, tempDir, type Daemon } from '../daemon/helpers.js';
+import { Rng } from './rng.js';
 
 const MAX = 1024 * 1024;
 const CODES = new Set(['BAD_REQUEST', 'UNKNOWN_COMMAND', 'UNKNOWN_DEVICE', 'DEVICE_EXISTS', 'BUSY', 'NOT_FOUND', 'INVALID_ARGUMENT', 'NO_METADATA',
@@ -26,22 +27,6 @@ const CODES = new Set(['BAD_REQUEST', 'UNKNOWN_COMMAND', 'UNKNOWN_DEVICE', 'DEVI
 /** Commands whose success on fuzzed arguments is harmless (read-only, or a remap of d0). */
 const MAY_SUCCEED = new Set(['ping', 'list', 'status', 'remap']);
 
-/** xorshift32: a small seeded stream. */
-class Rng {
-  private s: number;
-  constructor(seed: number) { this.s = (seed >>> 0) || 0x9e3779b9; }
-  u32(): number {
-    let x = this.s;
-    x ^= x << 13; x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
-    this.s = x;
-    return x;
-  }
-  int(n: number): number { return this.u32() % n; }
-  pick<T>(a: readonly T[]): T { return a[this.int(a.length)]; }
-  chance(p: number): boolean { return this.u32() / 0x1_0000_0000 < p; }
-}
 
 interface Line { bytes: Buffer; id: string | number | null; cmd: string | null }
 
