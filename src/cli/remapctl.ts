@@ -4,93 +4,15 @@
  */
 import { resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import { EXIT, EXIT_HELP, Output, blockSizeArg, exitCodeFor, intArg, sizeArg, table, type CommandContext, type Globals } from './common.js';
 import type { DeviceStatus, RemoveReport } from '../daemon/devices.js';
-import { parseHostPort, type ErrorCode } from '../daemon/protocol.js';
+import { parseHostPort } from '../daemon/protocol.js';
 import type { ManualRemapResult } from '../engine/engine.js';
 import { RemapError } from '../errors.js';
 import { codeForErrno } from '../daemon/protocol.js';
 import { RequestError, UnreachableError, request } from './client.js';
 import { formatInspect, inspectPath } from './inspect.js';
-import { formatSize, parseSize } from './size.js';
-
-export const EXIT = {
-  OK: 0,
-  FAILED: 1,
-  USAGE: 2,
-  UNREACHABLE: 3,
-  NO_DEVICE: 4,
-  IN_USE: 5,
-  DENIED: 6,
-  METADATA: 7,
-  NOT_FOUND: 8,
-} as const;
-
-const EXIT_HELP = `
-Exit codes:
-  0  success
-  1  the operation failed (I/O error, timeout, a block that could not be remapped)
-  2  usage error (unknown option, bad size, bad block number, request refused as malformed)
-  3  dm-remapd is not running or its control socket cannot be reached
-  4  no device of that name
-  5  in use: the device name exists, main/spare belongs to another device, the device is busy, or the daemon is stopping
-  6  permission denied (control socket: root or the control group only; or a file's permissions)
-  7  metadata refused: spare without metadata (use --format), spare of another main, or corrupt metadata
-  8  a main or spare path does not exist
-
-Environment:
-  DM_REMAPD_SOCKET  control socket (default /run/dm-remapd/control.sock)
-`;
-
-export function exitCodeFor(code: ErrorCode): number {
-  switch (code) {
-    case 'BAD_REQUEST':
-    case 'UNKNOWN_COMMAND':
-    case 'INVALID_ARGUMENT':
-      return EXIT.USAGE;
-    case 'UNKNOWN_DEVICE':
-      return EXIT.NO_DEVICE;
-    case 'DEVICE_EXISTS':
-    case 'BUSY':
-    case 'SHUTTING_DOWN':
-      return EXIT.IN_USE;
-    case 'PERMISSION_DENIED':
-      return EXIT.DENIED;
-    case 'NO_METADATA':
-    case 'IDENTITY_MISMATCH':
-    case 'CORRUPT_METADATA':
-      return EXIT.METADATA;
-    case 'NOT_FOUND':
-      return EXIT.NOT_FOUND;
-    default:
-      return EXIT.FAILED;
-  }
-}
-
-interface Globals {
-  socket: string;
-  json?: boolean;
-}
-
-function sizeArg(v: string): number {
-  try {
-    return parseSize(v);
-  } catch (e) {
-    throw new InvalidArgumentError((e as Error).message);
-  }
-}
-
-function intArg(what: string, min: number, max: number): (v: string) => number {
-  return (v: string) => {
-    const n = /^\d+$/.test(v) ? Number(v) : NaN;
-    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${what} must be an integer in ${min}..${max}, got "${v}"`);
-    return n;
-  };
-}
-
-function blockSizeArg(v: string): number {
-  if (v !== '4096' && v !== '512') throw new InvalidArgumentError(`block size must be 4096 or 512, got "${v}"`);
-  return Number(v);
-}
+import { formatSize } from './size.js';
 
 function hostPortArg(v: string): string {
   if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
@@ -100,11 +22,6 @@ function hostPortArg(v: string): string {
 function nbdDeviceArg(v: string): string {
   if (v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) throw new InvalidArgumentError(`expected /dev/nbdN or auto, got "${v}"`);
   return v;
-}
-
-function table(rows: string[][]): string {
-  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
 }
 
 function n(v: number | null): string {
@@ -157,14 +74,6 @@ function removeSummary(r: RemoveReport): string {
   return r.cancelled.length === 0 ? `${head}; nothing was cancelled` : `${head}; cancelled: ${r.cancelled.join('; ')}`;
 }
 
-class Output {
-  code: number = EXIT.OK;
-  constructor(readonly json: boolean) {}
-  print(human: string, data: unknown): void {
-    process.stdout.write(this.json ? `${JSON.stringify(data, null, 2)}\n` : `${human}\n`);
-  }
-}
-
 function buildProgram(out: { current: Output | null }): Command {
   const defaultSocket = process.env.DM_REMAPD_SOCKET !== undefined && process.env.DM_REMAPD_SOCKET !== ''
     ? process.env.DM_REMAPD_SOCKET : '/run/dm-remapd/control.sock';
@@ -176,7 +85,7 @@ function buildProgram(out: { current: Output | null }): Command {
     .showHelpAfterError('(run remapctl --help for usage)')
     .addHelpText('after', EXIT_HELP);
 
-  const ctx = (cmd: Command): { g: Globals; o: Output } => {
+  const ctx: CommandContext = (cmd: Command) => {
     const g = cmd.optsWithGlobals<Globals>();
     const o = new Output(g.json === true);
     out.current = o;
@@ -289,6 +198,7 @@ function buildProgram(out: { current: Output | null }): Command {
         process.stderr.write(`remapctl: inspect ${path}: ${r.error?.message ?? 'metadata not usable'}\n`);
       }
     });
+  // Feature commands (one register call per cmd-*.ts file).
   return program;
 }
 

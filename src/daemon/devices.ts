@@ -319,12 +319,25 @@ export class DeviceManager {
     };
   }
 
-  async remap(name: string, blocks: number[]): Promise<ManualRemapResult[]> {
+  /**
+   * The engine of a running device, for an operation named `what` (scan,
+   * import, ...): UNKNOWN_DEVICE, or BUSY/IO_ERROR naming the device's state.
+   */
+  runningEngine(name: string, what: string): BlockEngine {
     const e = this.get(name);
     if (e.engine === undefined || e.state !== 'running') {
-      throw new ControlError(e.state === 'failed' ? 'IO_ERROR' : 'BUSY', `device "${name}" is ${e.state}${e.error ? ` (${e.error.message})` : ''}; cannot remap`);
+      throw new ControlError(e.state === 'failed' ? 'IO_ERROR' : 'BUSY', `device "${name}" is ${e.state}${e.error ? ` (${e.error.message})` : ''}; cannot ${what}`);
     }
-    const results = await e.engine.remapBlocks(blocks);
+    return e.engine;
+  }
+
+  /** The spec of a device (as persisted), for feature handlers. */
+  specOf(name: string): Readonly<DeviceSpec> {
+    return this.get(name).spec;
+  }
+
+  async remap(name: string, blocks: number[]): Promise<ManualRemapResult[]> {
+    const results = await this.runningEngine(name, 'remap').remapBlocks(blocks);
     this.log.info({ event: 'manual-remap', device: name, blocks: blocks.length, remapped: results.filter((r) => r.result === 'remapped').length },
       `manual remap of ${blocks.length} block(s) on ${name}`);
     return results;

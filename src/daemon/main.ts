@@ -105,6 +105,7 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
 
 function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Record<string, CommandHandler> {
   return {
+    // Feature handlers: one spread per handlers-*.ts file.
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);

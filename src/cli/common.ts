@@ -1,0 +1,104 @@
+/**
+ * What every remapctl command shares: exit codes, argument parsers, the
+ * output switch between human text and --json, and the context a command
+ * handler gets. Feature commands live in their own cmd-*.ts files and are
+ * registered from remapctl.ts.
+ */
+import { Command, InvalidArgumentError } from 'commander';
+import type { ErrorCode } from '../daemon/protocol.js';
+import { parseSize } from './size.js';
+
+export const EXIT = {
+  OK: 0,
+  FAILED: 1,
+  USAGE: 2,
+  UNREACHABLE: 3,
+  NO_DEVICE: 4,
+  IN_USE: 5,
+  DENIED: 6,
+  METADATA: 7,
+  NOT_FOUND: 8,
+} as const;
+
+export const EXIT_HELP = `
+Exit codes:
+  0  success
+  1  the operation failed (I/O error, timeout, a block that could not be remapped)
+  2  usage error (unknown option, bad size, bad block number, request refused as malformed)
+  3  dm-remapd is not running or its control socket cannot be reached
+  4  no device of that name
+  5  in use: the device name exists, main/spare belongs to another device, the device is busy, or the daemon is stopping
+  6  permission denied (control socket: root or the control group only; or a file's permissions)
+  7  metadata refused: spare without metadata (use --format), spare of another main, or corrupt metadata
+  8  a main or spare path does not exist
+
+Environment:
+  DM_REMAPD_SOCKET  control socket (default /run/dm-remapd/control.sock)
+`;
+
+export function exitCodeFor(code: ErrorCode): number {
+  switch (code) {
+    case 'BAD_REQUEST':
+    case 'UNKNOWN_COMMAND':
+    case 'INVALID_ARGUMENT':
+      return EXIT.USAGE;
+    case 'UNKNOWN_DEVICE':
+      return EXIT.NO_DEVICE;
+    case 'DEVICE_EXISTS':
+    case 'BUSY':
+    case 'SHUTTING_DOWN':
+      return EXIT.IN_USE;
+    case 'PERMISSION_DENIED':
+      return EXIT.DENIED;
+    case 'NO_METADATA':
+    case 'IDENTITY_MISMATCH':
+    case 'CORRUPT_METADATA':
+      return EXIT.METADATA;
+    case 'NOT_FOUND':
+      return EXIT.NOT_FOUND;
+    default:
+      return EXIT.FAILED;
+  }
+}
+
+export interface Globals {
+  socket: string;
+  json?: boolean;
+}
+
+export function sizeArg(v: string): number {
+  try {
+    return parseSize(v);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
+}
+
+export function intArg(what: string, min: number, max: number): (v: string) => number {
+  return (v: string) => {
+    const n = /^\d+$/.test(v) ? Number(v) : NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${what} must be an integer in ${min}..${max}, got "${v}"`);
+    return n;
+  };
+}
+
+export function blockSizeArg(v: string): number {
+  if (v !== '4096' && v !== '512') throw new InvalidArgumentError(`block size must be 4096 or 512, got "${v}"`);
+  return Number(v);
+}
+
+export function table(rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
+}
+
+export class Output {
+  code: number = EXIT.OK;
+  constructor(readonly json: boolean) {}
+  print(human: string, data: unknown): void {
+    process.stdout.write(this.json ? `${JSON.stringify(data, null, 2)}\n` : `${human}\n`);
+  }
+}
+
+/** Gives a command its global options and its output (and records the output for the exit code). */
+export type CommandContext = (cmd: Command) => { g: Globals; o: Output };
