@@ -16,6 +16,8 @@ import { ConfigError, DEFAULTS, applyConfig, readConfigFile, resolveGroup, type 
 import { ControlServer, type CommandHandler } from './control.js';
 import { DeviceManager, type DeviceSpec } from './devices.js';
 import { startNbdExport } from './exports.js';
+import { renderMetrics } from './metrics.js';
+import { MetricsServer } from './metrics-server.js';
 import { ControlError, argBool, argInt, argNbdDevice, argString, errorBody, parseHostPort } from './protocol.js';
 
 function version(): string {
@@ -161,7 +163,7 @@ async function run(): Promise<number> {
     return 1;
   }
   const startedAt = Date.now();
-  const mgr = new DeviceManager({ stateDir: cfg.stateDir, logger: log, openEngine, startExport: startNbdExport, defaultMetadataTimeoutMs: cfg.metadataTimeoutMs });
+  const mgr = new DeviceManager({ stateDir: cfg.stateDir, logger: log, openEngine, startExport: startNbdExport, defaultMetadataTimeoutMs: cfg.metadataTimeoutMs, health: cfg.health });
   const control = new ControlServer({ path: cfg.controlSocket, logger: log, handlers: handlers(mgr, cfg, startedAt), groupId, mode: cfg.controlSocketMode });
   let stopping = false;
   let resolveStop: (signal: string) => void = () => undefined;
@@ -189,6 +191,22 @@ async function run(): Promise<number> {
   try {
     r = await mgr.reassemble();
   } catch (err) {
+  const buildVersion = version();
+  const metrics = cfg.metrics === undefined ? null : new MetricsServer({
+    config: cfg.metrics,
+    logger: log,
+    render: () => renderMetrics({
+      version: buildVersion, nodeVersion: process.version, startedAtMs: startedAt,
+      devices: mgr.list().map((status) => ({ status, commitLatency: mgr.engineOf(status.name)?.metadataCommitLatency() ?? null })),
+    }),
+  });
+  try {
+    await metrics?.listen();
+  } catch (err) {
+    log.fatal({ event: 'start-failed', error: errorBody(err) }, `cannot serve metrics: ${(err as Error).message}`);
+    await control.close();
+    return 1;
+  }
     log.error({ event: 'reassemble-failed', error: errorBody(err) }, `cannot read the remembered devices: ${(err as Error).message}`);
   }
   log.info({ event: 'ready', controlSocket: cfg.controlSocket, stateDir: cfg.stateDir, devices: r.started, failedDevices: r.failed },
@@ -204,6 +222,7 @@ async function run(): Promise<number> {
   const unclean = reports.filter((x) => x.timedOut || x.metadataAborted);
   log.info({ event: 'stopped', devices: reports.length, unclean: unclean.length }, 'dm-remapd stopped');
   return 0;
+  await metrics?.close();
 }
 
 run().then(

@@ -7,6 +7,7 @@ import { SpareAllocator } from '../remap/spare-allocator.js';
 import { planRange, type Extent } from '../remap/planner.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
 import type { MetadataWriter } from '../metadata/writer.js';
+import type { HistogramSnapshot } from '../metadata/histogram.js';
 import { crc32c } from '../metadata/crc32c.js';
 import { classifyErrno } from './classify.js';
 import { RemapBreaker } from './breaker.js';
@@ -45,6 +46,12 @@ export interface EngineStats {
   autoRemaps: number;
   manualRemaps: number;
   commitFailures: number;
+  /** Failed FLUSH requests (the first failure latches: every later flush fails too). */
+  flushErrors: number;
+  /** Failed reads and writes of spare blocks (the block is then marked bad). */
+  spareErrors: number;
+  /** Backing errors that are not media errors (vanished device, full host filesystem, EINVAL, ...). */
+  otherErrors: number;
 }
 
 export interface EngineStatus {
@@ -183,6 +190,7 @@ export class BlockEngine {
     this.name = p.name;
     this.sizeBytes = p.sizeBytes;
     this.blockSize = p.blockSize;
+    flushErrors: 0, spareErrors: 0, otherErrors: 0,
     this.blocks = Math.floor(p.sizeBytes / p.blockSize);
     this.main = p.main;
     this.spare = p.spare;
@@ -442,6 +450,7 @@ export class BlockEngine {
     else await Promise.all(extents.map((e) => this.readExtent(e, buf)));
     this.stats.bytesRead += length;
   }
+    this.stats.otherErrors++;
 
   private async readExtent(e: Extent, buf: Uint8Array): Promise<void> {
     const bs = this.blockSize;
@@ -478,6 +487,7 @@ export class BlockEngine {
       for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
         spare = this.table.get(logical);
         last = spare >= 0
+    if (target === 'spare') this.stats.spareErrors++;
           ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
           : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
         ok = last === bs;
@@ -649,6 +659,7 @@ export class BlockEngine {
       const r = spare >= 0 ? await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
       if (r === bs) continue;
       if (r < 0 && classifyErrno(r) !== 'media') throw this.nonMediaError(r, 'write', { target: 'spare', block: logical, offset: this.spareOffset(spare) });
+    if (ctx.target === 'spare') this.stats.spareErrors++;
       bad.push({ logical, data, seen: spare });
     }
     if (bad.length > 0) await this.remapWithData(bad, 'spare-write-error');
@@ -773,6 +784,7 @@ export class BlockEngine {
           newlyBad.push(p.old);
         }
       }
+          this.stats.spareErrors++;
       const sync = await bounded(this.spare.io(BackingOp.FDATASYNC, null, 0, 0), 'spare fdatasync', items[0].logical);
       if (sync < 0) {
         this.latchFlushFailure(sync, 'spare');
@@ -964,6 +976,7 @@ export class BlockEngine {
     this.requireWritable('discard');
     const bs = this.blockSize;
     // DISCARD is advisory: an unsupported discard is a success. It does not
+      this.stats.flushErrors++;
     // clear pending blocks (their data is still unknown).
     const extents = planRange(this.table, offset, length, bs);
     await Promise.all(extents.map(async (e) => {
@@ -973,6 +986,7 @@ export class BlockEngine {
       const res = await dev.io(BackingOp.DISCARD, null, at, len);
       if (res < 0 && classifyErrno(res) !== 'unsupported') {
         if (classifyErrno(res) === 'media') throw new RemapError(-res, `discard failed`, { device: this.name, op: 'discard', block: e.logical });
+      this.stats.flushErrors++;
         throw this.nonMediaError(res, 'discard', { target: e.target, block: e.logical, offset: at });
       }
     }));
@@ -1056,6 +1070,13 @@ export class BlockEngine {
     const [m, s] = await Promise.all([
       this.main.close(ringBudget),
       this.spareIsMain ? Promise.resolve({ cancelled: 0, abandoned: 0 }) : this.spare.close(ringBudget),
+
+  // ------------------------------------------------- health and metrics (issue 6)
+
+  /** Latency histogram of the metadata writer's completed disk commits. */
+  metadataCommitLatency(): HistogramSnapshot {
+    return this.writer.commitLatency();
+  }
     ]);
     this.stateValue = 'closed';
     this.wakeDrainers();

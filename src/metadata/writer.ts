@@ -11,6 +11,7 @@ import { META_BLOCK, type MetaIO } from './io.js';
 import { RECORDS_PER_BLOCK, type Layout } from './layout.js';
 import { encodeRecord, validateRecord, type MetaRecord } from './records.js';
 import type { LoadedMetadata } from './store.js';
+import { COMMIT_LATENCY_BUCKETS_MS, LatencyHistogram, type HistogramSnapshot } from './histogram.js';
 
 export interface MetaLogger {
   info(obj: object, msg?: string): void;
@@ -153,6 +154,8 @@ export class MetadataWriter {
   };
   private readonly lat = new Float64Array(LAT_SAMPLES);
   private latN = 0;
+  /** Latency of completed disk commits (both copies written and synced), for metrics. */
+  private readonly latHist = new LatencyHistogram(COMMIT_LATENCY_BUCKETS_MS);
 
   constructor(
     private readonly io: MetaIO,
@@ -263,6 +266,11 @@ export class MetadataWriter {
     let n = 0;
     for (let i = 0; i < this.J; i++) if (!this.free(i)) n++;
     return n;
+  }
+
+  /** Histogram of completed disk commits' latency (issue + both copies + sync). */
+  commitLatency(): HistogramSnapshot {
+    return this.latHist.snapshot();
   }
 
   stats(): WriterStats {
@@ -507,6 +515,7 @@ export class MetadataWriter {
       this.st.journalBlocksWritten += blocks;
       this.st.lastCommitMs = ms;
       this.lat[this.latN++ % LAT_SAMPLES] = ms;
+      this.latHist.observe(ms);
       for (const w of live) w.resolve(seq);
     } else if (outcome) {
       this.st.failedCommits++;

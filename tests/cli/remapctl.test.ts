@@ -124,8 +124,8 @@ describe('remapctl against a running daemon', () => {
     const all = await ctl(d.sock, 'status', '--json');
     expect(JSON.parse(all.stdout)).toHaveLength(1);
     const t = await ctl(d.sock, 'status');
-    expect(t.stdout).toMatch(/^NAME +STATE +MODE +SIZE/);
-    expect(t.stdout).toMatch(/d0 +running +direct +64\.0 MiB +4096 +3 /);
+    expect(t.stdout).toMatch(/^NAME +STATE +HEALTH +MODE +SIZE/);
+    expect(t.stdout).toMatch(/d0 +running +ok +direct +64\.0 MiB +4096 +3 /);
     const l = await ctl(d.sock, 'list');
     expect(l.code).toBe(0);
     expect(l.stdout).toMatch(/d0 +running +64\.0 MiB/);
