@@ -13,6 +13,8 @@ import { codeForErrno } from '../daemon/protocol.js';
 import { RequestError, UnreachableError, request } from './client.js';
 import { formatInspect, inspectPath } from './inspect.js';
 import { formatSize } from './size.js';
+import { registerDdrescueCommands } from './cmd-ddrescue.js';
+import { registerUnremapCommands } from './cmd-unremap.js';
 
 function hostPortArg(v: string): string {
   if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
@@ -199,6 +201,8 @@ function buildProgram(out: { current: Output | null }): Command {
       }
     });
   // Feature commands (one register call per cmd-*.ts file).
+  registerDdrescueCommands(program, ctx);
+  registerUnremapCommands(program, ctx);
   return program;
 }
 

@@ -19,6 +19,8 @@ import { startNbdExport } from './exports.js';
 import { renderMetrics } from './metrics.js';
 import { MetricsServer } from './metrics-server.js';
 import { ControlError, argBool, argInt, argNbdDevice, argString, errorBody, parseHostPort } from './protocol.js';
+import { ddrescueHandlers } from './handlers-ddrescue.js';
+import { unremapHandlers } from './handlers-unremap.js';
 
 function version(): string {
   try {
@@ -108,6 +110,8 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
 function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Record<string, CommandHandler> {
   return {
     // Feature handlers: one spread per handlers-*.ts file.
+    ...ddrescueHandlers(mgr),
+    ...unremapHandlers(mgr),
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);

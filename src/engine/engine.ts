@@ -93,6 +93,12 @@ export type ManualRemapResult =
   | { block: number; result: 'pending'; reason: string }
   | { block: number; result: 'failed'; errno: number; reason: string };
 
+/** What unremapBlocks did with one block (retiring remaps). */
+export type UnremapResult =
+  | { block: number; result: 'unremapped'; spare: number }
+  | { block: number; result: 'not-remapped' }
+  | { block: number; result: 'failed'; errno: number; reason: string; spare?: number };
+
 /** What the engine needs, already opened and loaded (see open.ts). */
 export interface EngineParts {
   name: string;
@@ -362,6 +368,15 @@ export class BlockEngine {
   }
 
   private slowPath(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
+    // Tracked, so that retiring a remap (unremapBlocks) can wait for the
+    // requests already under way; those touching a block being retired wait.
+    const p = this.retireFence.size > 0 ? this.afterRetireFence(req, buf) : this.slowPathOp(req, buf);
+    this.slowActive.add(p);
+    p.then(() => this.slowActive.delete(p), () => this.slowActive.delete(p));
+    return p;
+  }
+
+  private slowPathOp(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
     switch (req.op) {
       case 'read':
         return this.doRead(req.offset, req.length, buf as Uint8Array);
@@ -1090,5 +1105,184 @@ export class BlockEngine {
     };
     this.log.info({ event: 'closed', ...report }, `device ${this.name} closed`);
     return report;
+  }
+
+  // ------------------------------------------ unremap (retiring remaps, issue 6)
+
+  /** Logical blocks being retired now: slow-path requests touching them wait for the fence. */
+  private readonly retireFence = new Set<number>();
+  private retireFenceReleased: Promise<void> = Promise.resolve();
+  /** Slow-path requests in flight (every remapped block is served by the slow path). */
+  private readonly slowActive = new Set<Promise<void>>();
+  /** One unremapBlocks() at a time. */
+  private retireChain: Promise<unknown> = Promise.resolve();
+
+  /** Every remapped logical block, ascending (a copy). */
+  remappedBlockList(): number[] {
+    return Array.from(this.table.copyEntries().keys.sort());
+  }
+
+  private async afterRetireFence(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
+    if (req.op !== 'flush') {
+      const first = req.offset / this.blockSize;
+      const end = first + req.length / this.blockSize;
+      const touches = (): boolean => {
+        for (const b of this.retireFence) if (b >= first && b < end) return true;
+        return false;
+      };
+      while (this.retireFence.size > 0 && touches()) await this.retireFenceReleased;
+    }
+    return this.slowPathOp(req, buf);
+  }
+
+  /**
+   * Retire remaps after the main disk was replaced or repaired: copy each
+   * block back from its spare block to main, make main durable, commit UNMAP
+   * durably, and only then serve the block from main and free the spare
+   * block. A crash at any point leaves either the remap (the spare still
+   * holds the data; the copy on main is unused) or the unmap (main holds the
+   * data), so running it again finishes the job. Client I/O to a block being
+   * retired waits (the fence) until the block has moved. A block whose main
+   * write fails stays remapped and is reported with the errno.
+   */
+  unremapBlocks(blocks: number[] | 'all', opts: { groupSize?: number } = {}): Promise<UnremapResult[]> {
+    const run = this.retireChain.then(() => this.unremapNow(blocks, opts.groupSize ?? 128));
+    this.retireChain = run.catch(() => undefined);
+    return run;
+  }
+
+  private async unremapNow(blocks: number[] | 'all', groupSize: number): Promise<UnremapResult[]> {
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: 'unremap' });
+    }
+    this.requireWritable('unremap');
+    const list = blocks === 'all' ? this.remappedBlockList() : blocks;
+    const out = new Array<UnremapResult>(list.length);
+    const seen = new Map<number, number>();
+    const todo: Array<{ index: number; block: number }> = [];
+    list.forEach((block, index) => {
+      if (!Number.isSafeInteger(block) || block < 0 || block >= this.blocks) {
+        out[index] = { block, result: 'failed', errno: ERRNO.EINVAL, reason: `block ${block} is outside the device (0..${this.blocks - 1})` };
+      } else if (!seen.has(block)) {
+        seen.set(block, index);
+        todo.push({ index, block });
+      }
+    });
+    this.inFlightRequests++;
+    try {
+      for (let i = 0; i < todo.length; i += groupSize) {
+        const group = todo.slice(i, i + groupSize);
+        if (this.stateValue !== 'running') {
+          const errno = this.stateValue === 'failed' ? ERRNO.EIO : ERRNO.ESHUTDOWN;
+          for (const g of group) out[g.index] = { block: g.block, result: 'failed', errno, reason: `device is ${this.stateValue}; block ${g.block} stays remapped` };
+          continue;
+        }
+        await this.retireGroup(group, out);
+      }
+    } finally {
+      if (--this.inFlightRequests === 0) this.wakeDrainers();
+    }
+    list.forEach((block, index) => {
+      if (out[index] === undefined) out[index] = { ...out[seen.get(block) as number] };
+    });
+    return out;
+  }
+
+  private async retireGroup(group: Array<{ index: number; block: number }>, out: UnremapResult[]): Promise<void> {
+    const fenced = group.filter((g) => this.table.get(g.block) >= 0);
+    for (const g of group) if (this.table.get(g.block) < 0) out[g.index] = { block: g.block, result: 'not-remapped' };
+    if (fenced.length === 0) return;
+    // Fence: new requests touching these blocks wait; wait for those already under way.
+    let release!: () => void;
+    this.retireFenceReleased = new Promise<void>((r) => { release = r; });
+    for (const g of fenced) this.retireFence.add(g.block);
+    const running = [...this.slowActive];
+    try {
+      await Promise.allSettled(running);
+      const unlock = await this.lockBlocks(fenced.map((g) => g.block));
+      try {
+        await this.retireLocked(fenced, out);
+      } finally {
+        unlock();
+      }
+    } finally {
+      for (const g of fenced) this.retireFence.delete(g.block);
+      release();
+    }
+  }
+
+  private async retireLocked(group: Array<{ index: number; block: number }>, out: UnremapResult[]): Promise<void> {
+    const bs = this.blockSize;
+    const fail = (g: { index: number; block: number }, errno: number, reason: string, spare?: number): void => {
+      out[g.index] = { block: g.block, result: 'failed', errno, reason, spare };
+    };
+    // Read each block from its spare block.
+    const copied: Array<{ index: number; block: number; spare: number; data: Buffer }> = [];
+    await Promise.all(group.map(async (g) => {
+      const spare = this.table.get(g.block);
+      if (spare < 0) {
+        out[g.index] = { block: g.block, result: 'not-remapped' };
+        return;
+      }
+      if (this.badSpare.has(spare) || this.pending.has(g.block)) {
+        fail(g, ERRNO.EIO, `block ${g.block}: its spare block ${spare} is bad and the block is pending (unreadable until rewritten); it stays remapped`, spare);
+        return;
+      }
+      const data = allocAligned(bs);
+      let r = 0;
+      for (let attempt = 0; attempt < this.readRetries && r !== bs; attempt++) r = await this.spare.io(BackingOp.READ, data, this.spareOffset(spare), bs);
+      if (r !== bs) {
+        const errno = r < 0 ? -r : ERRNO.EIO;
+        fail(g, errno, `block ${g.block}: reading spare block ${spare} failed (${errnoName(errno)}); it stays remapped`, spare);
+        return;
+      }
+      copied.push({ ...g, spare, data });
+    }));
+    // Write it to main. No timeout: a write given up on could land after a
+    // later, successful retirement and overwrite newer data on main.
+    const written: typeof copied = [];
+    await Promise.all(copied.map(async (c) => {
+      const r = await this.main.io(BackingOp.WRITE, c.data, c.block * bs, bs);
+      if (r === bs) {
+        written.push(c);
+        return;
+      }
+      const errno = r < 0 ? -r : ERRNO.EIO;
+      this.log.warn({ event: 'unremap-failed', block: c.block, spare: c.spare, errno: errnoName(errno) },
+        `block ${c.block}: writing it back to main failed (${errnoName(errno)}); it stays remapped`);
+      fail(c, errno, `block ${c.block}: writing it back to main ${this.main.info.path} failed (${errnoName(errno)}); it stays remapped`, c.spare);
+    }));
+    if (written.length === 0) return;
+    written.sort((a, b) => a.block - b.block);
+    // Main durable before the unmap can be committed.
+    const sync = await this.main.io(BackingOp.FDATASYNC, null, 0, 0);
+    if (sync < 0) {
+      this.latchFlushFailure(sync, 'main');
+      for (const c of written) fail(c, -sync, `block ${c.block}: fdatasync of main failed (${errnoName(sync)}); it stays remapped`, c.spare);
+      return;
+    }
+    try {
+      await this.commit(written.map((c) => ({ type: RecordType.UNMAP, logical: c.block, spare: 0, dataCrc: 0 })));
+    } catch (err) {
+      // The failed commit may still land later: assert the remaps again so
+      // that a later seq wins; if that fails too, the state is unknown.
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      try {
+        await this.commit(written.map((c) => ({ type: RecordType.REMAP, logical: c.block, spare: c.spare, dataCrc: crc32c(c.data) })));
+      } catch {
+        this.fail(`an UNMAP commit failed and the remaps could not be re-asserted; blocks ${written.map((c) => c.block).join(',')} may read from main after a restart`);
+      }
+      for (const c of written) fail(c, errno, `block ${c.block}: committing the unmap failed (${err instanceof Error ? err.message : String(err)}); it stays remapped`, c.spare);
+      return;
+    }
+    // Committed: serve from main (in this continuation, for the checkpoint snapshot), free the spare blocks.
+    for (const c of written) {
+      this.table.delete(c.block);
+      if (!this.badSpare.has(c.spare) && !this.quarantined.has(c.spare)) this.allocator.release(c.spare);
+      out[c.index] = { block: c.block, result: 'unremapped', spare: c.spare };
+    }
+    if (this.allocator.free > 0) this.spareExhausted = false;
+    this.log.info({ event: 'unremap', blocks: written.length, first: written[0].block, last: written[written.length - 1].block },
+      `${written.length} block(s) copied back to main and unmapped`);
   }
 }
