@@ -32,9 +32,9 @@ function n(v: number | null): string {
 
 function statusTable(devs: DeviceStatus[]): string {
   if (devs.length === 0) return 'no devices';
-  const rows = [['NAME', 'STATE', 'MODE', 'SIZE', 'BS', 'REMAPPED', 'PENDING', 'SPARE USED', 'RERR', 'WERR', 'SEQ', 'EXPORTS']];
+  const rows = [['NAME', 'STATE', 'HEALTH', 'MODE', 'SIZE', 'BS', 'REMAPPED', 'PENDING', 'SPARE USED', 'RERR', 'WERR', 'SEQ', 'EXPORTS']];
   for (const d of devs) {
-    rows.push([d.name, d.state, d.openMode ?? '-', formatSize(d.sizeBytes), n(d.blockSize), n(d.remappedBlocks), n(d.pendingBlocks),
+    rows.push([d.name, d.state, d.health ?? '-', d.openMode ?? '-', formatSize(d.sizeBytes), n(d.blockSize), n(d.remappedBlocks), n(d.pendingBlocks),
       d.spareBlocksTotal === null ? '-' : `${d.spareBlocksUsed}/${d.spareBlocksTotal}`, n(d.readErrors), n(d.writeErrors), n(d.metadataSeq),
       d.exports.length > 0 ? d.exports.join(',') : '-']);
   }
@@ -43,7 +43,8 @@ function statusTable(devs: DeviceStatus[]): string {
 
 function statusDetail(d: DeviceStatus): string {
   const kv: Array<[string, string]> = [
-    ['name', d.name], ['state', d.state], ['main', d.main],
+    ['name', d.name], ['state', d.state],
+    ['health', `${d.health ?? '-'}${d.healthReasons.length > 0 ? ` (${d.healthReasons.join('; ')})` : ''}`], ['main', d.main],
     ['spare', d.spare ?? (d.spareTailBytes !== null ? `tail of main, ${d.spareTailBytes} bytes` : '-')],
     ['open mode', d.openMode ?? '-'], ['size', d.sizeBytes === null ? '-' : `${d.sizeBytes} bytes (${formatSize(d.sizeBytes)})`],
     ['block size', n(d.blockSize)], ['remapped blocks', n(d.remappedBlocks)], ['pending blocks', n(d.pendingBlocks)],

@@ -4,7 +4,9 @@
  * errors that name the key.
  */
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { getgrnam } from './groups.js';
+import { HEALTH_DEFAULTS, type HealthConfig } from './health.js';
 
 export interface DaemonConfig {
   stateDir: string;
@@ -18,6 +20,10 @@ export interface DaemonConfig {
   metadataTimeoutMs: number;
   /** Deadline per device when the daemon stops. */
   shutdownTimeoutMs: number;
+  /** Health thresholds and sampling (docs/OPERATION.md, "Health"). */
+  health: HealthConfig;
+  /** Prometheus metrics listener; undefined: off. */
+  metrics?: MetricsConfig;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -26,6 +32,7 @@ export const DEFAULTS: DaemonConfig = {
   logLevel: 'info',
   metadataTimeoutMs: 5000,
   shutdownTimeoutMs: 5000,
+  health: HEALTH_DEFAULTS,
 };
 
 export class ConfigError extends Error {
@@ -33,7 +40,7 @@ export class ConfigError extends Error {
 }
 
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
-const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs'] as const;
+const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs', 'health', 'metrics'] as const;
 
 function str(src: string, key: string, v: unknown): string {
   if (typeof v !== 'string' || v === '') throw new ConfigError(`${src}: "${key}" must be a non-empty string, got ${JSON.stringify(v)}`);
@@ -83,6 +90,8 @@ export function applyConfig(into: DaemonConfig, raw: Record<string, unknown>, sr
   }
   if (raw.metadataTimeoutMs !== undefined) out.metadataTimeoutMs = ms(src, 'metadataTimeoutMs', raw.metadataTimeoutMs);
   if (raw.shutdownTimeoutMs !== undefined) out.shutdownTimeoutMs = ms(src, 'shutdownTimeoutMs', raw.shutdownTimeoutMs);
+  if (raw.health !== undefined) out.health = healthConfig(src, raw.health, out.health);
+  if (raw.metrics !== undefined) out.metrics = metricsConfig(src, raw.metrics);
   return out;
 }
 
@@ -111,4 +120,97 @@ export function resolveGroup(g: string | number | undefined): number | undefined
   const gid = getgrnam(g);
   if (gid === undefined) throw new ConfigError(`controlGroup: no group named "${g}" in /etc/group`);
   return gid;
+}
+
+// ------------------------------------------------------- health and metrics
+
+function obj(src: string, key: string, v: unknown): Record<string, unknown> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ConfigError(`${src}: "${key}" must be an object, got ${JSON.stringify(v)}`);
+  return v as Record<string, unknown>;
+}
+
+function onlyKeys(src: string, key: string, o: Record<string, unknown>, known: readonly string[]): void {
+  for (const k of Object.keys(o)) {
+    if (!known.includes(k)) throw new ConfigError(`${src}: unknown key "${key}.${k}" (known: ${known.join(', ')})`);
+  }
+}
+
+function count(src: string, key: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v > 1_000_000_000) {
+    throw new ConfigError(`${src}: "${key}" must be an integer in 1..1000000000, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function fraction(src: string, key: string, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || v > 1) throw new ConfigError(`${src}: "${key}" must be a fraction in (0, 1], got ${JSON.stringify(v)}`);
+  return v;
+}
+
+const HEALTH_KEYS = ['intervalMs', 'windowMs', 'degradedErrors', 'failingErrors', 'degradedRemaps', 'failingRemaps', 'degradedSpareUsed', 'failingSpareUsed'] as const;
+
+/** `health`: thresholds over the base (defaults); each failing threshold must not be below its degraded one. */
+function healthConfig(src: string, v: unknown, base: HealthConfig): HealthConfig {
+  const o = obj(src, 'health', v);
+  onlyKeys(src, 'health', o, HEALTH_KEYS);
+  const out = { ...base };
+  for (const k of HEALTH_KEYS) {
+    const x = o[k];
+    if (x === undefined) continue;
+    if (k === 'intervalMs' || k === 'windowMs') out[k] = ms(src, `health.${k}`, x);
+    else if (k === 'degradedSpareUsed' || k === 'failingSpareUsed') out[k] = fraction(src, `health.${k}`, x);
+    else out[k] = count(src, `health.${k}`, x);
+  }
+  for (const what of ['Errors', 'Remaps', 'SpareUsed'] as const) {
+    const d = out[`degraded${what}`];
+    const f = out[`failing${what}`];
+    if (f < d) throw new ConfigError(`${src}: "health.failing${what}" (${f}) must not be below "health.degraded${what}" (${d})`);
+  }
+  return out;
+}
+
+export type MetricsListen = { kind: 'tcp'; host: string; port: number } | { kind: 'unix'; path: string };
+
+export interface MetricsConfig {
+  listen: MetricsListen;
+  /** Mode of a unix metrics socket (default 0666: as open as a localhost port). */
+  socketMode: number;
+}
+
+const METRICS_KEYS = ['listen', 'socketMode'] as const;
+
+/**
+ * A metrics listen address: an absolute path (unix socket), "PORT" or
+ * ":PORT" (127.0.0.1), or "HOST:PORT" with an IPv4 literal, "[IPv6]" or
+ * "localhost". Port 0 picks a free port (logged at start).
+ */
+export function parseMetricsListen(s: string): MetricsListen | null {
+  if (s.startsWith('/')) return Buffer.byteLength(s) <= 107 && !s.includes('\0') ? { kind: 'unix', path: s } : null;
+  const m = /^(?:(\[[0-9a-fA-F:.]+\]|\d{1,3}(?:\.\d{1,3}){3}|localhost)?:)?(\d{1,5})$/.exec(s);
+  if (m === null) return null;
+  const port = Number(m[2]);
+  if (port > 65535) return null;
+  let host = m[1] ?? '127.0.0.1';
+  if (host.startsWith('[')) {
+    host = host.slice(1, -1);
+    if (isIP(host) !== 6) return null;
+  } else if (host !== 'localhost' && isIP(host) !== 4) {
+    return null;
+  }
+  return { kind: 'tcp', host, port };
+}
+
+/** `metrics`: null or absent is off; `{listen, socketMode?}` is on. */
+function metricsConfig(src: string, v: unknown): MetricsConfig | undefined {
+  if (v === null || v === false) return undefined;
+  const o = obj(src, 'metrics', v);
+  onlyKeys(src, 'metrics', o, METRICS_KEYS);
+  const l = str(src, 'metrics.listen', o.listen);
+  const listen = parseMetricsListen(l);
+  if (listen === null) {
+    throw new ConfigError(`${src}: "metrics.listen" must be "HOST:PORT" (an IPv4 address, [IPv6] or localhost), ":PORT", or an absolute socket path of at most 107 bytes, got ${JSON.stringify(l)}`);
+  }
+  const socketMode = o.socketMode === undefined ? 0o666 : mode(src, 'metrics.socketMode', o.socketMode);
+  if (o.socketMode !== undefined && listen.kind !== 'unix') throw new ConfigError(`${src}: "metrics.socketMode" applies only to a unix socket "metrics.listen"`);
+  return { listen, socketMode };
 }

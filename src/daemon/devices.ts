@@ -11,6 +11,7 @@ import type { OpenEngineOptions } from '../engine/open.js';
 import { ERRNO, RemapError } from '../errors.js';
 import { ControlError, DEVICE_NAME, errorBody, type ControlErrorBody } from './protocol.js';
 import { StateFile, type DeviceSpec } from './state.js';
+import { HEALTH_DEFAULTS, HealthTracker, type DeviceHealth, type HealthConfig, type HealthVerdict } from './health.js';
 
 export type { DeviceSpec } from './state.js';
 
@@ -72,6 +73,8 @@ interface Entry {
   error?: ControlErrorBody;
   /** Resolved main and spare paths, for the in-use check. */
   paths: string[];
+  /** Samples the engine's counters on a timer (stopped at removal). */
+  health?: HealthTracker;
 }
 
 export interface DeviceStatus {
@@ -100,6 +103,9 @@ export interface DeviceStatus {
   failReason: string | null;
   error: ControlErrorBody | null;
   stats: EngineStatus['stats'] | null;
+  /** ok / degraded / failing / spare-exhausted (src/daemon/health.ts); null while starting. */
+  health: DeviceHealth | null;
+  healthReasons: string[];
 }
 
 export interface RemoveReport {
@@ -129,6 +135,8 @@ export interface DeviceManagerOptions {
   attachUblk?: ExportStarter;
   /** Metadata timeout when a spec gives none (5000). */
   defaultMetadataTimeoutMs?: number;
+  /** Health thresholds and sampling interval (HEALTH_DEFAULTS). */
+  health?: HealthConfig;
 }
 
 /** Extra time past the deadline the removal may take before remove() answers anyway. */
@@ -238,6 +246,7 @@ export class DeviceManager {
     }
     if (entry.state === 'starting') entry.state = 'running';
     if (opts.persist !== false) await this.persist();
+    this.startHealth(entry);
     log.info({ event: 'added', main: spec.main, spare: spec.spare ?? null, spareTailBytes: spec.spareTailBytes ?? null, exports: entry.exp?.endpoints ?? [] },
       `device ${spec.name} added`);
     return this.statusOf(entry);
@@ -316,7 +325,41 @@ export class DeviceManager {
       failReason: s?.failReason ?? e.error?.message ?? null,
       error: e.error ?? null,
       stats: s?.stats ?? null,
+      ...this.healthOf(e),
     };
+  }
+
+  private startHealth(e: Entry): void {
+    const engine = e.engine;
+    if (engine === undefined) return;
+    e.health = new HealthTracker({
+      device: e.spec.name,
+      config: this.o.health ?? HEALTH_DEFAULTS,
+      logger: this.log,
+      sample: () => {
+        const s = engine.status();
+        return {
+          readErrors: s.stats.readErrors, writeErrors: s.stats.writeErrors, autoRemaps: s.stats.autoRemaps,
+          spareUsed: s.spareBlocksUsed, spareTotal: s.spareBlocksTotal, spareExhausted: s.spareExhausted,
+          breakerTripped: s.breakerTripped, engineFailed: s.state === 'failed', failReason: s.failReason,
+        };
+      },
+    });
+    e.health.start();
+  }
+
+  private healthOf(e: Entry): { health: DeviceHealth | null; healthReasons: string[] } {
+    if (e.health !== undefined && e.engine !== undefined) {
+      const v: HealthVerdict = e.health.current();
+      return { health: v.health, healthReasons: v.reasons };
+    }
+    if (e.state === 'failed') return { health: 'failing', healthReasons: [`not assembled: ${e.error?.message ?? 'unknown reason'}`] };
+    return { health: null, healthReasons: [] };
+  }
+
+  /** The engine of a device in any state (metrics), or null when it has none. */
+  engineOf(name: string): BlockEngine | null {
+    return this.devices.get(name)?.engine ?? null;
   }
 
   /**
@@ -367,6 +410,7 @@ export class DeviceManager {
       return base;
     }
     e.state = 'stopping';
+    e.health?.stop();
     const engine = e.engine;
     const exp = e.exp ?? null;
     const report = { ...base };

@@ -191,10 +191,6 @@ async function run(): Promise<number> {
     log.fatal({ event: 'start-failed', error: errorBody(err) }, `cannot listen on ${cfg.controlSocket}: ${(err as Error).message}`);
     return 1;
   }
-  let r = { started: 0, failed: 0 };
-  try {
-    r = await mgr.reassemble();
-  } catch (err) {
   const buildVersion = version();
   const metrics = cfg.metrics === undefined ? null : new MetricsServer({
     config: cfg.metrics,
@@ -211,6 +207,10 @@ async function run(): Promise<number> {
     await control.close();
     return 1;
   }
+  let r = { started: 0, failed: 0 };
+  try {
+    r = await mgr.reassemble();
+  } catch (err) {
     log.error({ event: 'reassemble-failed', error: errorBody(err) }, `cannot read the remembered devices: ${(err as Error).message}`);
   }
   log.info({ event: 'ready', controlSocket: cfg.controlSocket, stateDir: cfg.stateDir, devices: r.started, failedDevices: r.failed },
@@ -222,11 +222,11 @@ async function run(): Promise<number> {
   sdNotify('STOPPING=1');
   sdNotify(`STATUS=stopping: removing ${mgr.size} device(s)`);
   await control.close();
+  await metrics?.close();
   const reports = await mgr.shutdown(cfg.shutdownTimeoutMs);
   const unclean = reports.filter((x) => x.timedOut || x.metadataAborted);
   log.info({ event: 'stopped', devices: reports.length, unclean: unclean.length }, 'dm-remapd stopped');
   return 0;
-  await metrics?.close();
 }
 
 run().then(

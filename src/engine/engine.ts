@@ -190,13 +190,13 @@ export class BlockEngine {
     reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0,
     bytesRead: 0, bytesWritten: 0, readErrors: 0, writeErrors: 0,
     autoRemaps: 0, manualRemaps: 0, commitFailures: 0,
+    flushErrors: 0, spareErrors: 0, otherErrors: 0,
   };
 
   constructor(p: EngineParts) {
     this.name = p.name;
     this.sizeBytes = p.sizeBytes;
     this.blockSize = p.blockSize;
-    flushErrors: 0, spareErrors: 0, otherErrors: 0,
     this.blocks = Math.floor(p.sizeBytes / p.blockSize);
     this.main = p.main;
     this.spare = p.spare;
@@ -450,6 +450,7 @@ export class BlockEngine {
    */
   private nonMediaError(res: number, op: string, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): RemapError {
     const cls = classifyErrno(res);
+    this.stats.otherErrors++;
     const dev = ctx.target === 'main' ? this.main.info.path : this.spare.info.path;
     if (cls === 'gone') this.fail(`${ctx.target} ${dev} is unreachable (${errnoName(res)}) during ${op}`);
     else if (cls === 'nospace') this.fail(`host filesystem under ${ctx.target} ${dev} is full (${errnoName(res)})`);
@@ -465,7 +466,6 @@ export class BlockEngine {
     else await Promise.all(extents.map((e) => this.readExtent(e, buf)));
     this.stats.bytesRead += length;
   }
-    this.stats.otherErrors++;
 
   private async readExtent(e: Extent, buf: Uint8Array): Promise<void> {
     const bs = this.blockSize;
@@ -486,6 +486,7 @@ export class BlockEngine {
   private async recoverRead(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, target: 'main' | 'spare'): Promise<void> {
     const bs = this.blockSize;
     if (res >= 0) res = -ERRNO.EIO; // short read inside the device: treat as a media error
+    if (target === 'spare') this.stats.spareErrors++;
     if (classifyErrno(res) !== 'media') {
       this.stats.readErrors++;
       throw this.nonMediaError(res, 'read', { target, offset: first * bs });
@@ -502,7 +503,6 @@ export class BlockEngine {
       for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
         spare = this.table.get(logical);
         last = spare >= 0
-    if (target === 'spare') this.stats.spareErrors++;
           ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
           : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
         ok = last === bs;
@@ -658,6 +658,7 @@ export class BlockEngine {
    */
   private countWriteError(res: number, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): void {
     this.stats.writeErrors++;
+    if (ctx.target === 'spare') this.stats.spareErrors++;
     const errno = res >= 0 ? -ERRNO.EIO : res;
     if (classifyErrno(errno) !== 'media') throw this.nonMediaError(errno, 'write', ctx);
   }
@@ -674,7 +675,6 @@ export class BlockEngine {
       const r = spare >= 0 ? await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
       if (r === bs) continue;
       if (r < 0 && classifyErrno(r) !== 'media') throw this.nonMediaError(r, 'write', { target: 'spare', block: logical, offset: this.spareOffset(spare) });
-    if (ctx.target === 'spare') this.stats.spareErrors++;
       bad.push({ logical, data, seen: spare });
     }
     if (bad.length > 0) await this.remapWithData(bad, 'spare-write-error');
@@ -783,6 +783,7 @@ export class BlockEngine {
           }
           records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: a.spare, dataCrc: 0 });
           newlyBad.push(a.spare);
+          this.stats.spareErrors++;
           this.log.warn({ event: 'spare-bad', block: a.item.logical, spare: a.spare, errno: errnoName(r < 0 ? r : -ERRNO.EIO) },
             `spare block ${a.spare} failed a write; trying another`);
           if (a.tries + 1 > this.spareWriteRetries) {
@@ -799,7 +800,6 @@ export class BlockEngine {
           newlyBad.push(p.old);
         }
       }
-          this.stats.spareErrors++;
       const sync = await bounded(this.spare.io(BackingOp.FDATASYNC, null, 0, 0), 'spare fdatasync', items[0].logical);
       if (sync < 0) {
         this.latchFlushFailure(sync, 'spare');
@@ -971,6 +971,7 @@ export class BlockEngine {
   private async doFlush(): Promise<void> {
     this.stats.flushes++;
     if (this.flushLatch !== 0) {
+      this.stats.flushErrors++;
       throw new RemapError(ERRNO.EIO, `an earlier flush failed (${errnoName(this.flushLatch)}); the device stays failed`, { device: this.name, op: 'flush' });
     }
     const [m, s] = await Promise.all([
@@ -980,6 +981,7 @@ export class BlockEngine {
     if (m < 0) this.latchFlushFailure(m, 'main');
     if (s < 0) this.latchFlushFailure(s, 'spare');
     if (m < 0 || s < 0) {
+      this.stats.flushErrors++;
       throw new RemapError(ERRNO.EIO, `flush failed (${errnoName(m < 0 ? m : s)})`, { device: this.name, op: 'flush' });
     }
   }
@@ -991,7 +993,6 @@ export class BlockEngine {
     this.requireWritable('discard');
     const bs = this.blockSize;
     // DISCARD is advisory: an unsupported discard is a success. It does not
-      this.stats.flushErrors++;
     // clear pending blocks (their data is still unknown).
     const extents = planRange(this.table, offset, length, bs);
     await Promise.all(extents.map(async (e) => {
@@ -1001,7 +1002,6 @@ export class BlockEngine {
       const res = await dev.io(BackingOp.DISCARD, null, at, len);
       if (res < 0 && classifyErrno(res) !== 'unsupported') {
         if (classifyErrno(res) === 'media') throw new RemapError(-res, `discard failed`, { device: this.name, op: 'discard', block: e.logical });
-      this.stats.flushErrors++;
         throw this.nonMediaError(res, 'discard', { target: e.target, block: e.logical, offset: at });
       }
     }));
@@ -1085,13 +1085,6 @@ export class BlockEngine {
     const [m, s] = await Promise.all([
       this.main.close(ringBudget),
       this.spareIsMain ? Promise.resolve({ cancelled: 0, abandoned: 0 }) : this.spare.close(ringBudget),
-
-  // ------------------------------------------------- health and metrics (issue 6)
-
-  /** Latency histogram of the metadata writer's completed disk commits. */
-  metadataCommitLatency(): HistogramSnapshot {
-    return this.writer.commitLatency();
-  }
     ]);
     this.stateValue = 'closed';
     this.wakeDrainers();
@@ -1105,6 +1098,13 @@ export class BlockEngine {
     };
     this.log.info({ event: 'closed', ...report }, `device ${this.name} closed`);
     return report;
+  }
+
+  // ------------------------------------------------- health and metrics (issue 6)
+
+  /** Latency histogram of the metadata writer's completed disk commits. */
+  metadataCommitLatency(): HistogramSnapshot {
+    return this.writer.commitLatency();
   }
 
   // ------------------------------------------ unremap (retiring remaps, issue 6)
