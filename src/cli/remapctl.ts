@@ -13,6 +13,7 @@ import { codeForErrno } from '../daemon/protocol.js';
 import { RequestError, UnreachableError, request } from './client.js';
 import { formatInspect, inspectPath } from './inspect.js';
 import { formatSize } from './size.js';
+import { registerScanCommands } from './cmd-scan.js';
 import { registerDdrescueCommands } from './cmd-ddrescue.js';
 import { registerUnremapCommands } from './cmd-unremap.js';
 
@@ -202,6 +203,7 @@ function buildProgram(out: { current: Output | null }): Command {
       }
     });
   // Feature commands (one register call per cmd-*.ts file).
+  registerScanCommands(program, ctx);
   registerDdrescueCommands(program, ctx);
   registerUnremapCommands(program, ctx);
   return program;

@@ -24,6 +24,8 @@ export interface DaemonConfig {
   health: HealthConfig;
   /** Prometheus metrics listener; undefined: off. */
   metrics?: MetricsConfig;
+  /** Background scrub of every device (docs/OPERATION.md, "Scan and scrub"); undefined: off. */
+  scrub?: ScrubConfig;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -40,7 +42,7 @@ export class ConfigError extends Error {
 }
 
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
-const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs', 'health', 'metrics'] as const;
+const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs', 'health', 'metrics', 'scrub'] as const;
 
 function str(src: string, key: string, v: unknown): string {
   if (typeof v !== 'string' || v === '') throw new ConfigError(`${src}: "${key}" must be a non-empty string, got ${JSON.stringify(v)}`);
@@ -92,6 +94,7 @@ export function applyConfig(into: DaemonConfig, raw: Record<string, unknown>, sr
   if (raw.shutdownTimeoutMs !== undefined) out.shutdownTimeoutMs = ms(src, 'shutdownTimeoutMs', raw.shutdownTimeoutMs);
   if (raw.health !== undefined) out.health = healthConfig(src, raw.health, out.health);
   if (raw.metrics !== undefined) out.metrics = metricsConfig(src, raw.metrics);
+  if (raw.scrub !== undefined) out.scrub = scrubConfig(src, raw.scrub);
   return out;
 }
 
@@ -213,4 +216,49 @@ function metricsConfig(src: string, v: unknown): MetricsConfig | undefined {
   const socketMode = o.socketMode === undefined ? 0o666 : mode(src, 'metrics.socketMode', o.socketMode);
   if (o.socketMode !== undefined && listen.kind !== 'unix') throw new ConfigError(`${src}: "metrics.socketMode" applies only to a unix socket "metrics.listen"`);
   return { listen, socketMode };
+}
+
+// ------------------------------------------------------------------- scrub
+
+export interface ScrubConfig {
+  /** Time from the end of one pass (or from the device's start) to the next pass. */
+  intervalHours: number;
+  /** Read rate limit in MiB/s (1 MiB = 1048576 bytes). */
+  rateMBps: number;
+  /** The scrub waits until no client I/O happened for this long. */
+  idleMs: number;
+}
+
+export const SCRUB_DEFAULTS: ScrubConfig = { intervalHours: 168, rateMBps: 8, idleMs: 5000 };
+const SCRUB_KEYS = ['intervalHours', 'rateMBps', 'idleMs'] as const;
+
+function scrubNumber(src: string, key: string, v: unknown, max: number): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || v > max) {
+    throw new ConfigError(`${src}: "scrub.${key}" must be a number greater than 0 and at most ${max}, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+/** `scrub`: null or false is off; an object (keys optional, SCRUB_DEFAULTS) is on. */
+function scrubConfig(src: string, v: unknown): ScrubConfig | undefined {
+  if (v === null || v === false) return undefined;
+  if (typeof v !== 'object' || Array.isArray(v)) {
+    throw new ConfigError(`${src}: "scrub" must be an object {intervalHours, rateMBps, idleMs}, null or false, got ${JSON.stringify(v)}`);
+  }
+  const o = v as Record<string, unknown>;
+  for (const k of Object.keys(o)) {
+    if (!(SCRUB_KEYS as readonly string[]).includes(k)) throw new ConfigError(`${src}: unknown key "scrub.${k}" (known: ${SCRUB_KEYS.join(', ')})`);
+  }
+  const out = { ...SCRUB_DEFAULTS };
+  if (o.intervalHours !== undefined) out.intervalHours = scrubNumber(src, 'intervalHours', o.intervalHours, 87_600);
+  if (out.intervalHours * 3_600_000 < 1) throw new ConfigError(`${src}: "scrub.intervalHours" must be at least 1 ms (0.0000003 h), got ${out.intervalHours}`);
+  if (o.rateMBps !== undefined) out.rateMBps = scrubNumber(src, 'rateMBps', o.rateMBps, 100_000);
+  if (o.idleMs !== undefined) {
+    const x = o.idleMs;
+    if (typeof x !== 'number' || !Number.isSafeInteger(x) || x < 0 || x > 3_600_000) {
+      throw new ConfigError(`${src}: "scrub.idleMs" must be an integer number of milliseconds in 0..3600000, got ${JSON.stringify(x)}`);
+    }
+    out.idleMs = x;
+  }
+  return out;
 }

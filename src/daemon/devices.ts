@@ -64,6 +64,13 @@ function joinExports(a: ExportHandle | null, b: ExportHandle | null): ExportHand
 
 export type DeviceState = 'starting' | 'running' | 'stopping' | 'failed';
 
+/**
+ * What feature services (scan, scrub) hear of a device's life: 'running'
+ * once it is added (or reassembled), 'removing' when its removal begins,
+ * before its engine closes (daemon stop included).
+ */
+export type DeviceEvent = { type: 'running' | 'removing'; name: string; engine: BlockEngine };
+
 interface Entry {
   spec: DeviceSpec;
   state: 'starting' | 'running' | 'stopping' | 'failed';
@@ -149,6 +156,7 @@ export class DeviceManager {
   private readonly state: StateFile;
   private readonly log: Logger;
   private shuttingDown = false;
+  private readonly listeners: Array<(ev: DeviceEvent) => void> = [];
 
   constructor(private readonly o: DeviceManagerOptions) {
     this.state = new StateFile(o.stateDir);
@@ -157,6 +165,26 @@ export class DeviceManager {
 
   get size(): number {
     return this.devices.size;
+  }
+
+  /** The daemon's logger, for feature services. */
+  get logger(): Logger {
+    return this.log;
+  }
+
+  /** Calls `fn` on each DeviceEvent; a listener that throws is logged, never fails the add or removal. */
+  onDevice(fn: (ev: DeviceEvent) => void): void {
+    this.listeners.push(fn);
+  }
+
+  private emit(ev: DeviceEvent): void {
+    for (const fn of this.listeners) {
+      try {
+        fn(ev);
+      } catch (err) {
+        this.log.error({ event: 'device-listener-failed', device: ev.name, type: ev.type, error: errorBody(err) }, `a ${ev.type} listener of ${ev.name} failed`);
+      }
+    }
   }
 
   private timeoutOf(spec: DeviceSpec): number {
@@ -247,6 +275,7 @@ export class DeviceManager {
     if (entry.state === 'starting') entry.state = 'running';
     if (opts.persist !== false) await this.persist();
     this.startHealth(entry);
+    if (entry.engine !== undefined) this.emit({ type: 'running', name: spec.name, engine: entry.engine });
     log.info({ event: 'added', main: spec.main, spare: spec.spare ?? null, spareTailBytes: spec.spareTailBytes ?? null, exports: entry.exp?.endpoints ?? [] },
       `device ${spec.name} added`);
     return this.statusOf(entry);
@@ -411,6 +440,7 @@ export class DeviceManager {
     }
     e.state = 'stopping';
     e.health?.stop();
+    this.emit({ type: 'removing', name, engine: e.engine });
     const engine = e.engine;
     const exp = e.exp ?? null;
     const report = { ...base };

@@ -18,6 +18,7 @@ import { DeviceManager, type DeviceSpec } from './devices.js';
 import { startNbdExport } from './exports.js';
 import { renderMetrics } from './metrics.js';
 import { MetricsServer } from './metrics-server.js';
+import { scanHandlers } from './handlers-scan.js';
 import { ControlError, argBool, argInt, argNbdDevice, argString, errorBody, parseHostPort } from './protocol.js';
 import { ddrescueHandlers } from './handlers-ddrescue.js';
 import { unremapHandlers } from './handlers-unremap.js';
@@ -110,6 +111,7 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
 function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Record<string, CommandHandler> {
   return {
     // Feature handlers: one spread per handlers-*.ts file.
+    ...scanHandlers(mgr, cfg),
     ...ddrescueHandlers(mgr),
     ...unremapHandlers(mgr),
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),

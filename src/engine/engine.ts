@@ -1285,4 +1285,79 @@ export class BlockEngine {
     this.log.info({ event: 'unremap', blocks: written.length, first: written[0].block, last: written[written.length - 1].block },
       `${written.length} block(s) copied back to main and unmapped`);
   }
+
+  // --------------------------------- scan: remap blocks with given data (issue 6)
+
+  /**
+   * Remaps each given block with the given data (its first block-size
+   * bytes), durably, as any remap: the data is written to a fresh spare
+   * block and synced, then the mapping is committed, and only then served.
+   * For data known from elsewhere: zeroes for blocks a scan found
+   * unreadable (`remapctl scan --remap-unreadable --zero`), or data copied
+   * from another source by an import. `seen` is the block's spare block
+   * (-1: main) when the caller decided; if the block moved since (a client
+   * wrote it), its newer data is kept and the block answers
+   * 'already-remapped'. Blocks go in groups that share one data sync and
+   * one commit; blocks past the spare's free count fail alone with ENOSPC.
+   * Meant for blocks on main or pending: a block still remapped to a healthy
+   * spare block is moved to a new one and its old spare block retired.
+   */
+  async remapBlocksWithData(items: ReadonlyArray<{ block: number; data: Uint8Array; seen?: number }>): Promise<ManualRemapResult[]> {
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op: 'remap' });
+    }
+    this.requireWritable('remap');
+    const bs = this.blockSize;
+    const out = new Array<ManualRemapResult>(items.length);
+    const firstIndex = new Map<number, number>();
+    this.inFlightRequests++;
+    try {
+      for (let i = 0; i < items.length; i += MANUAL_REMAP_GROUP) {
+        const group: Array<{ index: number; item: RemapItem }> = [];
+        for (let j = i; j < Math.min(items.length, i + MANUAL_REMAP_GROUP); j++) {
+          const { block, data, seen } = items[j];
+          if (!Number.isSafeInteger(block) || block < 0 || block >= this.blocks) {
+            out[j] = { block, result: 'failed', errno: ERRNO.EINVAL, reason: `block ${block} is outside the device (0..${this.blocks - 1})` };
+          } else if (data.byteLength < bs) {
+            out[j] = { block, result: 'failed', errno: ERRNO.EINVAL, reason: `data for block ${block} is ${data.byteLength} bytes, less than the ${bs}-byte block` };
+          } else if (firstIndex.has(block)) {
+            continue; // a repeat: answered from the first occurrence below
+          } else {
+            firstIndex.set(block, j);
+            const now = this.table.get(block);
+            if (seen !== undefined && now !== seen && now >= 0 && !this.badSpare.has(now) && !this.pending.has(block)) {
+              out[j] = { block, result: 'already-remapped', spare: now };
+              continue;
+            }
+            const copy = allocAligned(bs); // O_DIRECT needs an aligned buffer; the caller's may not be
+            copy.set(data.subarray(0, bs));
+            group.push({ index: j, item: { logical: block, data: copy, seen } });
+          }
+        }
+        const fits = group.slice(0, this.allocator.free);
+        for (const g of group.slice(fits.length)) {
+          this.spareExhausted = true;
+          out[g.index] = { block: g.item.logical, result: 'failed', errno: ERRNO.ENOSPC,
+            reason: `spare exhausted (${this.allocator.total} blocks in use); cannot remap block ${g.item.logical}` };
+        }
+        if (fits.length === 0) continue;
+        try {
+          const placed = await this.remapWithData(fits.map((g) => g.item), 'manual');
+          const spareOf = new Map(placed.map((p) => [p.logical, p.spare]));
+          for (const g of fits) out[g.index] = { block: g.item.logical, result: 'remapped', spare: spareOf.get(g.item.logical) as number };
+        } catch (err) {
+          const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+          for (const g of fits) out[g.index] = { block: g.item.logical, result: 'failed', errno, reason: err instanceof Error ? err.message : String(err) };
+        }
+      }
+    } finally {
+      if (--this.inFlightRequests === 0) this.wakeDrainers();
+    }
+    for (let j = 0; j < items.length; j++) {
+      if (out[j] !== undefined) continue;
+      const first = out[firstIndex.get(items[j].block) as number];
+      out[j] = first.result === 'remapped' ? { block: items[j].block, result: 'already-remapped', spare: first.spare } : { ...first };
+    }
+    return out;
+  }
 }
