@@ -471,6 +471,7 @@ export class BlockEngine {
     const bs = this.blockSize;
     const len = e.blocks * bs;
     const dst = buf.subarray(e.bufOffset, e.bufOffset + len);
+    if (e.target === 'spare' && this.pending.size > 0) this.refuseLostBlocks(e.logical, e.blocks);
     const res = e.target === 'main'
       ? await this.main.io(BackingOp.READ, dst, e.logical * bs, len)
       : await this.spare.io(BackingOp.READ, dst, this.spareOffset(e.spare), len);
@@ -904,6 +905,10 @@ export class BlockEngine {
       const existing = this.table.get(block);
       if (existing >= 0 && !this.badSpare.has(existing)) {
         out[index] = { block, result: 'already-remapped', spare: existing };
+        return;
+      }
+      if (existing >= 0 && this.pending.has(block)) {
+        unreadable.push({ index, block, errno: ERRNO.EIO }); // lost: unreadable until rewritten (refuseLostBlocks)
         return;
       }
       const data = allocAligned(bs);
@@ -1357,6 +1362,99 @@ export class BlockEngine {
       if (out[j] !== undefined) continue;
       const first = out[firstIndex.get(items[j].block) as number];
       out[j] = first.result === 'remapped' ? { block: items[j].block, result: 'already-remapped', spare: first.spare } : { ...first };
+    }
+    return out;
+  }
+
+  // ------------------------------------------ import (DMR4 migration, issue 6)
+
+  /**
+   * A pending block whose spare block is bad is lost: it reads as EIO until
+   * it is rewritten, without reading the bad spare block again. (A read error
+   * on a spare block leaves a block in that state; so does markLost().)
+   */
+  private refuseLostBlocks(first: number, count: number): void {
+    const end = first + count;
+    for (let p = this.pending.nextInRange(first, end); p >= 0; p = this.pending.nextInRange(p + 1, end)) {
+      const spare = this.table.get(p);
+      if (spare >= 0 && this.badSpare.has(spare)) {
+        this.stats.readErrors++;
+        throw new RemapError(ERRNO.EIO, `block ${p} is unreadable until it is rewritten (pending; its spare block ${spare} is bad)`, {
+          device: this.name, op: 'read', block: p,
+        });
+      }
+    }
+  }
+
+  private checkLostable(blocks: readonly number[], op: string): void {
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op });
+    }
+    this.requireWritable(op);
+    const seen = new Set<number>();
+    for (const b of blocks) {
+      if (!Number.isSafeInteger(b) || b < 0 || b >= this.blocks) {
+        throw new RemapError(ERRNO.EINVAL, `block ${b} is outside the device (0..${this.blocks - 1})`, { device: this.name, op, block: b });
+      }
+      if (seen.has(b)) throw new RemapError(ERRNO.EINVAL, `block ${b} is given twice`, { device: this.name, op, block: b });
+      seen.add(b);
+      if (this.table.get(b) >= 0) throw new RemapError(ERRNO.EEXIST, `block ${b} is already remapped`, { device: this.name, op, block: b });
+    }
+  }
+
+  /**
+   * Marks blocks lost, durably: they read as EIO until they are rewritten
+   * (a write remaps them with the new data). Each takes one spare block,
+   * recorded bad and never written, so that reads of the block leave the
+   * fast path (see refuseLostBlocks). Used by import-dmr4 for entries whose
+   * data cannot be trusted (data it can trust goes through
+   * remapBlocksWithData). One commit per group of `groupSize`. Blocks must
+   * not be remapped already (EEXIST).
+   */
+  async markLost(blocks: readonly number[], opts: { groupSize?: number } = {}): Promise<Array<{ block: number; spare: number }>> {
+    this.checkLostable(blocks, 'mark-lost');
+    if (blocks.length > this.allocator.free) {
+      throw new RemapError(ERRNO.ENOSPC, `marking ${blocks.length} block(s) lost needs more than the ${this.allocator.free} free spare block(s)`, {
+        device: this.name, op: 'mark-lost',
+      });
+    }
+    const group = opts.groupSize ?? MANUAL_REMAP_GROUP;
+    const out: Array<{ block: number; spare: number }> = [];
+    this.inFlightRequests++;
+    try {
+      for (let i = 0; i < blocks.length; i += group) {
+        const part = blocks.slice(i, i + group);
+        const unlock = await this.lockBlocks(part);
+        const allocated: number[] = [];
+        try {
+          const placed = part.map((block) => {
+            const spare = this.allocateSpare(block, 'mark-lost');
+            allocated.push(spare);
+            return { block, spare };
+          });
+          // REMAP clears pending, so PENDING_ADD comes after it.
+          await this.commit(placed.flatMap(({ block, spare }) => [
+            { type: RecordType.SPARE_BAD, logical: 0, spare, dataCrc: 0 },
+            { type: RecordType.REMAP, logical: block, spare, dataCrc: 0 },
+            { type: RecordType.PENDING_ADD, logical: block, spare: 0, dataCrc: 0 },
+          ]));
+          for (const { block, spare } of placed) {
+            this.badSpare.add(spare);
+            this.table.set(block, spare);
+            this.pending.add(block);
+            out.push({ block, spare });
+          }
+          allocated.length = 0;
+          this.log.warn({ event: 'mark-lost', blocks: part.length, first: part[0] }, `${part.length} block(s) marked lost: unreadable until rewritten`);
+        } catch (err) {
+          this.quarantine(allocated);
+          throw err;
+        } finally {
+          unlock();
+        }
+      }
+    } finally {
+      if (--this.inFlightRequests === 0) this.wakeDrainers();
     }
     return out;
   }
