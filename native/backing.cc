@@ -465,7 +465,7 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
         break;
     }
   }
-  if (queued > 0) {
+  if (queued > 0 && !inReap_) {
     int rc;
     do {
       rc = io_uring_submit(&ring_);
@@ -515,10 +515,21 @@ void NativeBacking::Reap() {
   uint64_t counter;
   ssize_t n = read(eventFd_.get(), &counter, sizeof counter);  // clear before reaping
   (void)n;
-  if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
 
+  // Each round: one io_uring_enter submits what the previous round's
+  // callback queued and (DEFER_TASKRUN) posts what finished meanwhile; then
+  // one JS call takes every completion. Rounds go on while completions keep
+  // coming, so a busy device costs one syscall per batch instead of an
+  // epoll wakeup, an eventfd read, a reap and a submit.
   for (int round = 0; round < 16; ++round) {
-    if (deferTaskrun_) io_uring_get_events(&ring_);
+    if (io_uring_sq_ready(&ring_) > 0 || deferTaskrun_) {
+      int rc;
+      do {
+        rc = deferTaskrun_ ? io_uring_submit_and_get_events(&ring_) : io_uring_submit(&ring_);
+      } while (rc == -EINTR);
+      // On -EAGAIN/-EBUSY the SQEs stay in the SQ ring; the next wakeup retries.
+      if (rc < 0 && io_uring_sq_ready(&ring_) > 0) SignalEventFd();
+    }
     Napi::Float64Array arr = completionsRef_.Value();
     double* out = arr.Data();
     size_t cnt = 0;
@@ -565,7 +576,9 @@ void NativeBacking::Reap() {
 
     napi_value argv[1] = {Napi::Number::New(env, static_cast<double>(cnt))};
     napi_value result;
+    inReap_ = true;
     napi_status st = napi_make_callback(env, *asyncContext_, Value(), onComplete_.Value(), 1, argv, &result);
+    inReap_ = false;
     if (st != napi_ok) {
       bool pending = false;
       if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
@@ -575,7 +588,14 @@ void NativeBacking::Reap() {
       }
     }
     if (closed_) return;  // JS closed the device from inside the callback
-    if (cnt < cap) break;
+  }
+  // The round limit was hit with SQEs of the last callback still queued.
+  if (io_uring_sq_ready(&ring_) > 0) {
+    int rc;
+    do {
+      rc = io_uring_submit(&ring_);
+    } while (rc == -EINTR);
+    if (rc < 0) SignalEventFd();
   }
 }
 

@@ -108,6 +108,9 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   io_uring ring_{};
   bool ringInit_ = false;
   bool deferTaskrun_ = false;
+  // Inside Reap's JS callback: Submit() leaves its SQEs for Reap to submit
+  // together with the next reap (one io_uring_enter for both).
+  bool inReap_ = false;
   std::string ringSetup_;
   UniqueFd eventFd_;
   uv_poll_t* poll_ = nullptr;
