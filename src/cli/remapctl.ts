@@ -13,6 +13,7 @@ import { codeForErrno } from '../daemon/protocol.js';
 import { RequestError, UnreachableError, request } from './client.js';
 import { formatInspect, inspectPath } from './inspect.js';
 import { formatSize } from './size.js';
+import { registerDmr4Commands } from './cmd-dmr4.js';
 import { registerScanCommands } from './cmd-scan.js';
 import { registerDdrescueCommands } from './cmd-ddrescue.js';
 import { registerUnremapCommands } from './cmd-unremap.js';
@@ -203,6 +204,7 @@ function buildProgram(out: { current: Output | null }): Command {
       }
     });
   // Feature commands (one register call per cmd-*.ts file).
+  registerDmr4Commands(program, ctx);
   registerScanCommands(program, ctx);
   registerDdrescueCommands(program, ctx);
   registerUnremapCommands(program, ctx);

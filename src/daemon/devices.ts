@@ -206,7 +206,7 @@ export class DeviceManager {
    * Adds and starts a device. `format` formats a spare that has no metadata.
    * Persisted in devices.json unless `persist` is false (reassembly).
    */
-  async add(spec: DeviceSpec, opts: { format?: boolean; persist?: boolean } = {}): Promise<DeviceStatus> {
+  async add(spec: DeviceSpec, opts: { format?: boolean; persist?: boolean; beforeExport?: (engine: BlockEngine) => Promise<void> } = {}): Promise<DeviceStatus> {
     if (this.shuttingDown) throw new ControlError('SHUTTING_DOWN', 'dm-remapd is shutting down');
     if (!DEVICE_NAME.test(spec.name)) {
       throw new ControlError('BAD_REQUEST', `device name "${spec.name}" is invalid: use 1-64 letters, digits, '.', '_' or '-'`);
@@ -243,6 +243,15 @@ export class DeviceManager {
         logger: this.log, // the engine adds the device to its own log lines
       });
       entry.engine = engine;
+      if (opts.beforeExport !== undefined) {
+        // e.g. import-dmr4: fills the new device before any client can connect.
+        try {
+          await opts.beforeExport(engine);
+        } catch (err) {
+          await engine.close(this.timeoutOf(spec)).catch(() => undefined);
+          throw err;
+        }
+      }
       try {
         entry.exp = await this.o.startExport(engine, spec, this.log);
       } catch (err) {

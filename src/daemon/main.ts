@@ -18,10 +18,11 @@ import { DeviceManager, type DeviceSpec } from './devices.js';
 import { startNbdExport } from './exports.js';
 import { renderMetrics } from './metrics.js';
 import { MetricsServer } from './metrics-server.js';
-import { scanHandlers } from './handlers-scan.js';
 import { ControlError, argBool, argInt, argNbdDevice, argString, errorBody, parseHostPort } from './protocol.js';
+import { dmr4Handlers } from './handlers-dmr4.js';
 import { ddrescueHandlers } from './handlers-ddrescue.js';
 import { unremapHandlers } from './handlers-unremap.js';
+import { scanHandlers } from './handlers-scan.js';
 
 function version(): string {
   try {
@@ -111,9 +112,10 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
 function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Record<string, CommandHandler> {
   return {
     // Feature handlers: one spread per handlers-*.ts file.
-    ...scanHandlers(mgr, cfg),
+    ...dmr4Handlers(mgr, (args) => specFromArgs(args, cfg)),
     ...ddrescueHandlers(mgr),
     ...unremapHandlers(mgr),
+    ...scanHandlers(mgr, cfg),
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);

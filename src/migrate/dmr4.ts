@@ -41,7 +41,7 @@ export class Dmr4Error extends Error {
   constructor(
     readonly code: Dmr4ErrorCode,
     message: string,
-    /** EBADMSG (no valid copy: corrupt metadata) or EINVAL (truncated, not a DMR4 spare). */
+    /** EBADMSG (no valid copy: corrupt metadata) or ENODATA (truncated: no DMR4 metadata area). */
     readonly errno: number,
   ) {
     super(message);
@@ -205,10 +205,10 @@ export interface Dmr4Image {
 export function decodeDmr4(head: Uint8Array, spareBytes: number = head.length): Dmr4Image {
   if (!Number.isSafeInteger(spareBytes) || spareBytes < DMR4.META_AREA_BYTES) {
     throw new Dmr4Error('TRUNCATED', `the old spare is ${spareBytes} bytes, smaller than the ${DMR4.META_AREA_BYTES}-byte DMR4 metadata area: `
-      + 'truncated, or not a dm-remap spare', 22);
+      + 'truncated, or not a dm-remap spare', 61);
   }
   if (head.length < DMR4.META_AREA_BYTES) {
-    throw new Dmr4Error('TRUNCATED', `only ${head.length} of the ${DMR4.META_AREA_BYTES} bytes of the DMR4 metadata area could be read`, 22);
+    throw new Dmr4Error('TRUNCATED', `only ${head.length} of the ${DMR4.META_AREA_BYTES} bytes of the DMR4 metadata area could be read`, 61);
   }
   const copies = DMR4.COPY_OFFSETS.map((off, i) => decodeDmr4Copy(head, i, off));
   let best: Dmr4Copy | null = null;
@@ -312,9 +312,9 @@ export function planDmr4Import(table: readonly Dmr4TableEntry[], blockSize: numb
   return plan;
 }
 
-/** A JSON view of an image (u64 values as numbers when exact, else decimal strings). */
-export function dmr4ToJson(img: Dmr4Image): unknown {
-  return JSON.parse(JSON.stringify(img, (_k, v: unknown) => {
+/** A JSON view of an image or report (u64 values as numbers when exact, else decimal strings). */
+export function jsonSafe(value: unknown): unknown {
+  return JSON.parse(JSON.stringify(value, (_k, v: unknown) => {
     if (typeof v !== 'bigint') return v;
     return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString();
   })) as unknown;

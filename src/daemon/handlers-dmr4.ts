@@ -1,0 +1,51 @@
+/**
+ * Control command `importDmr4` (docs/DMR4.md): creates a device from an old
+ * spare of the kernel dm-remap target. The old spare is decoded first (a
+ * missing or unusable one fails before anything is created); then the device
+ * is added as by `add`, and filled before its exports start.
+ */
+import { isAbsolute } from 'node:path';
+import type { CommandHandler } from './control.js';
+import type { DeviceManager, DeviceSpec, DeviceStatus } from './devices.js';
+import { ControlError, argString, codeForErrno } from './protocol.js';
+import { Dmr4Error, jsonSafe } from '../migrate/dmr4.js';
+import { importDmr4Into, readDmr4Spare, type Dmr4ImportReport } from '../migrate/dmr4-import.js';
+
+export interface ImportDmr4Result {
+  device: DeviceStatus;
+  import: Dmr4ImportReport;
+}
+
+/** The old spare's decode failure as a protocol error (exit code 7 in remapctl). */
+function asControlError(err: unknown, from: string): unknown {
+  if (err instanceof Dmr4Error) return new ControlError(codeForErrno(err.errno), `old spare ${from}: ${err.message}`, err.errno);
+  return err;
+}
+
+/**
+ * `specFromArgs` is the daemon's own parser of add's arguments (main.ts),
+ * so that import-dmr4 takes exactly the same device and export arguments.
+ */
+export function dmr4Handlers(mgr: DeviceManager, specFromArgs: (args: Record<string, unknown>) => { spec: DeviceSpec; format: boolean }): Record<string, CommandHandler> {
+  return {
+    importDmr4: async (args) => {
+      const from = argString('importDmr4', args, 'from');
+      if (!isAbsolute(from)) throw new ControlError('BAD_REQUEST', `importDmr4: argument "from" must be an absolute path, got "${from}"`);
+      const rest = { ...args };
+      delete rest.from;
+      const { spec, format } = specFromArgs(rest);
+      const img = await readDmr4Spare(from).catch((err: unknown) => { throw asControlError(err, from); });
+      let report: Dmr4ImportReport | null = null;
+      // The engine logs each imported block (event remap, reason import)
+      // and the lost ones (event mark-lost); the daemon logs the add.
+      const device = await mgr.add(spec, {
+        format,
+        beforeExport: async (engine) => {
+          report = await importDmr4Into(engine, img, from, spec.main);
+        },
+      });
+      if (report === null) throw new ControlError('INTERNAL', `importDmr4 ${spec.name}: the device was added without running the import`);
+      return { device, import: jsonSafe(report) };
+    },
+  };
+}
