@@ -10,6 +10,7 @@ import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanup, ctl, startDaemon, tempDir, type Daemon } from '../daemon/helpers.js';
+import { cleanupAll, requireTools, startFaultDisk } from '../helpers/faultdisk.js';
 import { META, buildImage, buildRecord, type EntrySpec } from './dmr4-builder.js';
 
 // nbdsh runs `python3` from PATH and needs the system's python3-nbd: put /usr/bin first.
@@ -228,5 +229,81 @@ describe('remapctl import-dmr4', () => {
     expect((await ctl(d.sock, 'import-dmr4', '--from', oldSpare)).code).toBe(2);
     expect((await ctl(d.sock, 'import-dmr4', 'e', '--from', oldSpare, '--main', main2)).code).toBe(2);
     expect((await ctl(null, 'import-dmr4', 'e', '--dry-run', '--from', oldSpare)).code).toBe(2);
+  });
+  it('--spare-tail with 512-byte blocks: every sector is its own block; an entry past the shrunk device is reported, not imported', async () => {
+    const main3 = join(dir, 'main3.img');
+    writeFileSync(main3, mainBytes);
+    const sock = join(dir, 't.nbd');
+    const r = await ctl(d.sock, '--json', 'import-dmr4', 't', '--from', oldSpare, '--main', main3, '--spare-tail', '1M', '--block-size', '512', '--format', '--nbd-unix', sock);
+    expect(r.code, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout) as { import: { blockSize: number; dataBlocks: number[]; pendingBlocks: Array<{ block: number; entries: number[] }>; outsideEntries: number[] } };
+    expect(j.import.blockSize).toBe(512);
+    expect(j.import.dataBlocks).toEqual([8, 9, 100, 500]);
+    expect(j.import.pendingBlocks.map((p) => [p.block, p.entries])).toEqual([[200, [3]], [300, [4]], [301, [5]], [400, [6, 7]]]);
+    expect(j.import.outsideEntries).toEqual([9]);
+    const uri = `nbd+unix:///t?socket=${sock}`;
+    const code = [
+      'import json',
+      'res = {}',
+      'for s in [8, 9, 10, 100, 299, 300, 301, 302, 400, 500]:',
+      '    try:',
+      '        res[s] = h.pread(512, s * 512)[:8].decode("latin1")',
+      '    except nbd.Error as e:',
+      '        res[s] = e.errno',
+      'print(json.dumps(res))',
+    ].join('\n');
+    expect(JSON.parse(nbdsh(uri, code))).toEqual({
+      8: sectorData('S', 1300).subarray(0, 8).toString('latin1'), 9: sectorData('S', 1301).subarray(0, 8).toString('latin1'),
+      10: sectorData('M', 10).subarray(0, 8).toString('latin1'), 100: sectorData('S', 1400).subarray(0, 8).toString('latin1'),
+      299: sectorData('M', 299).subarray(0, 8).toString('latin1'), 300: 'EIO', 301: 'EIO', 302: sectorData('M', 302).subarray(0, 8).toString('latin1'),
+      400: 'EIO', 500: sectorData('S', 1700).subarray(0, 8).toString('latin1'),
+    });
+    expect((await ctl(d.sock, 'remove', 't')).code).toBe(0);
+  });
+
+  it('a failing main: a block whose remapped sector is unreadable is read sector by sector; one with another unreadable sector is lost', async () => {
+    requireTools('nbdkit', 'nbdfuse', 'nbdkit-python', '/dev/fuse');
+    const backing = join(dir, 'faulty-main.img');
+    writeFileSync(backing, mainBytes);
+    const disk = await startFaultDisk({ dir, name: 'fmain', sizeBytes: MAIN_BYTES, backingFile: backing });
+    try {
+      // sector 8 (remapped: its data comes from the old spare) and sector 97
+      // (block 12 = sectors 96..103, not remapped, whose data is gone)
+      await disk.setBad({ read: [[8 * SECTOR, SECTOR], [97 * SECTOR, SECTOR]] });
+      const spare = join(dir, 'fspare.img');
+      writeFileSync(spare, '');
+      truncateSync(spare, 4 << 20);
+      const sock = join(dir, 'f.nbd');
+      const r = await ctl(d.sock, '--json', 'import-dmr4', 'f', '--from', oldSpare, '--main', disk.path, '--spare', spare, '--format', '--nbd-unix', sock);
+      expect(r.code, r.stderr).toBe(0);
+      const j = JSON.parse(r.stdout) as { import: { dataBlocks: number[]; pendingBlocks: Array<{ block: number; problems: string[]; detail?: string }> } };
+      expect(j.import.dataBlocks).toEqual([1, 62, 2047]);
+      expect(j.import.pendingBlocks.map((p) => [p.block, p.problems])).toEqual([
+        [12, ['main-unreadable']], [25, ['metadata-area']], [37, ['shared-spare-sector']], [50, ['duplicate-original']],
+      ]);
+      expect(j.import.pendingBlocks[0].detail).toBe('main sector 97 is unreadable (EIO)');
+      // the whole-block reads of blocks 1 and 12 failed, then sector 97 alone
+      expect((await disk.stats()).readErrors).toBe(3);
+      const uri = `nbd+unix:///f?socket=${sock}`;
+      const code = [
+        'import json',
+        'out = []',
+        'for b in [1, 12]:',
+        '    try:',
+        `        out.append(h.pread(${BS}, b * ${BS}).hex())`,
+        '    except nbd.Error as e:',
+        '        out.append(e.errno)',
+        'print(json.dumps(out))',
+      ].join('\n');
+      const [b1, b12] = JSON.parse(nbdsh(uri, code)) as string[];
+      const want1 = Buffer.from(mainBytes.subarray(BS, 2 * BS));
+      oldBytes.copy(want1, 0, 1300 * SECTOR, 1302 * SECTOR);
+      expect(b1).toBe(want1.toString('hex'));
+      expect(b12).toBe('EIO');
+      expect((await ctl(d.sock, 'remove', 'f')).code).toBe(0);
+    } finally {
+      await disk.stop();
+      await cleanupAll();
+    }
   });
 });
