@@ -4,6 +4,7 @@
  * missing or unusable one fails before anything is created); then the device
  * is added as by `add`, and filled before its exports start.
  */
+import { stat } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import type { CommandHandler } from './control.js';
 import type { DeviceManager, DeviceSpec, DeviceStatus } from './devices.js';
@@ -22,6 +23,17 @@ function asControlError(err: unknown, from: string): unknown {
   return err;
 }
 
+/** The same file or block device (through any path)? A path that cannot be stat'ed is left to the open that follows. */
+async function sameDevice(a: string, b: string): Promise<boolean> {
+  try {
+    const [x, y] = await Promise.all([stat(a), stat(b)]);
+    if (x.isBlockDevice() || y.isBlockDevice()) return x.isBlockDevice() && y.isBlockDevice() && x.rdev === y.rdev;
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * `specFromArgs` is the daemon's own parser of add's arguments (main.ts),
  * so that import-dmr4 takes exactly the same device and export arguments.
@@ -35,6 +47,14 @@ export function dmr4Handlers(mgr: DeviceManager, specFromArgs: (args: Record<str
       delete rest.from;
       const { spec, format } = specFromArgs(rest);
       const img = await readDmr4Spare(from).catch((err: unknown) => { throw asControlError(err, from); });
+      // Formatting the new spare (or a tail of main) over the old spare would
+      // destroy the very sectors being imported.
+      for (const [role, p] of [['spare', spec.spare], ['main', spec.spareTailBytes !== undefined ? spec.main : undefined]] as const) {
+        if (p !== undefined && await sameDevice(p, from)) {
+          throw new ControlError('INVALID_ARGUMENT', `importDmr4 ${spec.name}: the new ${role === 'spare' ? 'spare' : 'spare tail (on main)'} ${p} is the old spare ${from}; `
+            + 'formatting it would overwrite the data being imported: give a separate new spare');
+        }
+      }
       let report: Dmr4ImportReport | null = null;
       // The engine logs each imported block (event remap, reason import)
       // and the lost ones (event mark-lost); the daemon logs the add.

@@ -225,6 +225,13 @@ describe('remapctl import-dmr4', () => {
     expect(list.map((x) => x.name)).not.toContain('e');
     expect(readFileSync(spare2).every((b) => b === 0)).toBe(true);
 
+    // the old spare as the new spare: refused before anything is written to it
+    const before = readFileSync(oldSpare);
+    const same = await ctl(d.sock, '--json', 'import-dmr4', 'e', '--from', oldSpare, '--main', main2, '--spare', oldSpare, '--format');
+    expect(same.code, same.stderr).toBe(2);
+    expect(same.stderr).toMatch(/the new spare .*old-spare\.img is the old spare/);
+    expect(readFileSync(oldSpare).equals(before)).toBe(true);
+
     // usage errors
     expect((await ctl(d.sock, 'import-dmr4', '--from', oldSpare)).code).toBe(2);
     expect((await ctl(d.sock, 'import-dmr4', 'e', '--from', oldSpare, '--main', main2)).code).toBe(2);
