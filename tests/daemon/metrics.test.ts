@@ -12,12 +12,13 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { statSync, truncateSync, writeFileSync, existsSync } from 'node:fs';
-import { createServer, type AddressInfo } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanupAll, makeTempDir, requireTools, startFaultDisk, type FaultDisk } from '../helpers/faultdisk.js';
 import { parsePromText, sampleValue, type PromFamily } from '../helpers/prom-text.js';
 import { run } from '../nbd/nbd-fixtures.js';
+import { Rng } from '../fuzz/rng.js';
 import { DAEMON, ctl, runNode, startDaemon, type Daemon } from './helpers.js';
 
 requireTools('nbdkit', 'nbdkit-python', 'nbdfuse', 'fusermount3', '/dev/fuse', 'qemu-io', 'nbdsh', 'curl');
@@ -201,6 +202,30 @@ describe('health and metrics through the daemon', () => {
     expect(sampleValue(m, 'dm_remapd_up')).toBe(1);
     expect(sampleValue(m, 'dm_remapd_devices')).toBe(0);
     expect(m.get('dm_remapd_build_info')?.samples[0].labels.version).toMatch(/^\d+\.\d+\.\d+/);
+
+    // Fuzz the listener with malformed requests (random bytes, broken request
+    // lines and headers, huge headers): it answers or drops each, and serves on.
+    const seed = Number(process.env.DMR_FUZZ_SEED ?? Date.now() % 0x7fffffff);
+    console.log(`[metrics fuzz] seed ${seed}`);
+    const rng = new Rng(seed);
+    const pieces = ['GET', 'POST', ' ', '/metrics', '/', 'HTTP/1.1', 'HTTP/9.9', '\r\n', '\n', 'Host: x', 'Content-Length: 5', 'Transfer-Encoding: chunked', ':', '\0', 'x'.repeat(20_000)];
+    for (let i = 0; i < 60; i++) {
+      const payload = rng.chance(0.5)
+        ? Buffer.from(Array.from({ length: 1 + rng.int(300) }, () => rng.int(256)))
+        : Buffer.from(Array.from({ length: 1 + rng.int(12) }, () => rng.pick(pieces)).join(''));
+      await new Promise<void>((res) => {
+        const s = connect(sockPath);
+        const t = setTimeout(() => s.destroy(), 300);
+        s.on('connect', () => s.end(payload));
+        s.on('data', () => undefined);
+        s.on('error', () => undefined);
+        s.on('close', () => { clearTimeout(t); res(); });
+      });
+    }
+    const after = curl('--unix-socket', sockPath, 'http://localhost/metrics');
+    expect(after.code, after.out).toBe(0);
+    expect(sampleValue(check(after.out), 'dm_remapd_up')).toBe(1);
+    expect(d.proc.exitCode).toBeNull();
     expect(await d.stop()).toBe(0);
     expect(existsSync(sockPath)).toBe(false);
   });
