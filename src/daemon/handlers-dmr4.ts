@@ -56,12 +56,19 @@ export function dmr4Handlers(mgr: DeviceManager, specFromArgs: (args: Record<str
         }
       }
       let report: Dmr4ImportReport | null = null;
-      // The engine logs each imported block (event remap, reason import)
-      // and the lost ones (event mark-lost); the daemon logs the add.
+      const log = mgr.logger.child({ device: spec.name });
+      // The engine also logs each imported block (event remap) and the lost
+      // ones (event mark-lost); the daemon logs the add.
       const device = await mgr.add(spec, {
         format,
         beforeExport: async (engine) => {
-          report = await importDmr4Into(engine, img, from, spec.main);
+          const r = await importDmr4Into(engine, img, from, spec.main);
+          report = r;
+          log.warn({
+            event: 'import-dmr4', from, copy: r.chosenCopy, seq: String(r.seq), entries: r.entries, dataBlocks: r.dataBlocks.length,
+            sectors: r.sectorsImported, pendingBlocks: r.pendingBlocks.map((p) => p.block), outsideEntries: r.outsideEntries,
+          }, `imported ${r.sectorsImported} sector(s) of ${from} into ${r.dataBlocks.length} block(s); `
+            + `${r.pendingBlocks.length} block(s) lost (unreadable until rewritten)${r.outsideEntries.length > 0 ? `; ${r.outsideEntries.length} entries outside the device` : ''}`);
         },
       });
       if (report === null) throw new ControlError('INTERNAL', `importDmr4 ${spec.name}: the device was added without running the import`);

@@ -175,6 +175,9 @@ describe('remapctl import-dmr4', () => {
     // the import never writes the main
     expect(readFileSync(mainPath).equals(mainBytes)).toBe(true);
 
+    const logged = await d.waitLog((l) => l.event === 'import-dmr4' && l.device === 'd');
+    expect(logged).toMatchObject({ from: oldSpare, copy: 0, seq: '5', entries: 10, dataBlocks: 4, sectors: 5, pendingBlocks: LOST_BLOCKS, outsideEntries: [] });
+
     // a lost block is readable again once rewritten
     expect(nbdsh(uri, `h.pwrite(b"\\x5a" * ${BS}, 37 * ${BS}); h.flush(); print(h.pread(${BS}, 37 * ${BS}) == b"\\x5a" * ${BS})`).trim()).toBe('True');
 
