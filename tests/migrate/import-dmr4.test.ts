@@ -190,6 +190,12 @@ describe('remapctl import-dmr4', () => {
     expected.fill(0x5a, 37 * BS, 38 * BS);
     expect(got2.equals(expected)).toBe(true);
     expect((await ctl(d.sock, 'remove', 'd')).code).toBe(0);
+
+    // importing again onto that spare is refused (exit 1), and the device is not added
+    const again2 = await ctl(d.sock, 'import-dmr4', 'd2', '--from', oldSpare, '--main', mainPath, '--spare', spare);
+    expect(again2.code).toBe(1);
+    expect(again2.stderr).toMatch(/the new spare already holds 7 remapped and 2 pending block\(s\); import-dmr4 needs a freshly formatted spare/);
+    expect((JSON.parse((await ctl(d.sock, '--json', 'list')).stdout) as Array<{ name: string }>).map((x) => x.name)).not.toContain('d2');
   });
 
   it('a missing, corrupt or truncated old spare: clear errors, documented exit codes, nothing created', async () => {
