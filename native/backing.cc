@@ -215,6 +215,16 @@ int NativeBacking::OpenImpl(const std::string& path, bool direct, bool readOnly,
     errorStage_ = "uv_poll_start";
     return rc;
   }
+  check_ = new uv_check_t;
+  uv_check_init(loop, check_);
+  check_->data = this;
+  uv_check_start(check_, OnCheck);
+  uv_unref(reinterpret_cast<uv_handle_t*>(check_));
+  prepare_ = new uv_prepare_t;
+  uv_prepare_init(loop, prepare_);
+  prepare_->data = this;
+  uv_prepare_start(prepare_, OnPrepare);
+  uv_unref(reinterpret_cast<uv_handle_t*>(prepare_));
   // Idle devices do not keep the process alive; in-flight I/O does.
   uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
   loopRefed_ = false;
@@ -465,14 +475,9 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
         break;
     }
   }
-  if (queued > 0 && !inReap_) {
-    int rc;
-    do {
-      rc = io_uring_submit(&ring_);
-    } while (rc == -EINTR);
-    // On -EAGAIN/-EBUSY the SQEs stay in the SQ ring; Reap() retries.
-    if (rc < 0) SignalEventFd();
-  }
+  // The SQEs go down at the end of this loop phase (SubmitQueued), or with
+  // the next reap, whichever comes first.
+  (void)queued;
   if (wasIdle) UpdateLoopRef();
   return Napi::Number::New(env, static_cast<double>(count));
 }
@@ -507,6 +512,34 @@ void NativeBacking::OnPoll(uv_poll_t* handle, int status, int events) {
 }
 
 void NativeBacking::OnPollClosed(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
+
+void NativeBacking::OnCheck(uv_check_t* handle) {
+  auto* self = static_cast<NativeBacking*>(handle->data);
+  if (self != nullptr) self->SubmitQueued();
+}
+
+void NativeBacking::OnPrepare(uv_prepare_t* handle) {
+  auto* self = static_cast<NativeBacking*>(handle->data);
+  if (self != nullptr) self->SubmitQueued();
+}
+
+void NativeBacking::OnHandleClosed(uv_handle_t* handle) {
+  if (handle->type == UV_CHECK) {
+    delete reinterpret_cast<uv_check_t*>(handle);
+  } else {
+    delete reinterpret_cast<uv_prepare_t*>(handle);
+  }
+}
+
+void NativeBacking::SubmitQueued() {
+  if (!open_ || closed_ || !ringInit_ || io_uring_sq_ready(&ring_) == 0) return;
+  int rc;
+  do {
+    rc = io_uring_submit(&ring_);
+  } while (rc == -EINTR);
+  // On -EAGAIN/-EBUSY the SQEs stay in the SQ ring; the wakeup retries them.
+  if (rc < 0) SignalEventFd();
+}
 
 void NativeBacking::Reap() {
   if (!open_ || closed_) return;
@@ -576,9 +609,7 @@ void NativeBacking::Reap() {
 
     napi_value argv[1] = {Napi::Number::New(env, static_cast<double>(cnt))};
     napi_value result;
-    inReap_ = true;
     napi_status st = napi_make_callback(env, *asyncContext_, Value(), onComplete_.Value(), 1, argv, &result);
-    inReap_ = false;
     if (st != napi_ok) {
       bool pending = false;
       if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
@@ -622,6 +653,18 @@ NativeBacking::CloseResult NativeBacking::CloseNative(int workerWaitMs, bool env
     poll_->data = nullptr;
     uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnPollClosed);
     poll_ = nullptr;
+  }
+  if (check_ != nullptr) {
+    uv_check_stop(check_);
+    check_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(check_), OnHandleClosed);
+    check_ = nullptr;
+  }
+  if (prepare_ != nullptr) {
+    uv_prepare_stop(prepare_);
+    prepare_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(prepare_), OnHandleClosed);
+    prepare_ = nullptr;
   }
   if (ringInit_) {
     // Closing the ring fd does not wait for requests still on a hung device;

@@ -93,6 +93,10 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
 
   static void OnPoll(uv_poll_t* handle, int status, int events);
   static void OnPollClosed(uv_handle_t* handle);
+  static void OnCheck(uv_check_t* handle);
+  static void OnPrepare(uv_prepare_t* handle);
+  static void OnHandleClosed(uv_handle_t* handle);
+  void SubmitQueued();
   static void* WorkerMain(void* arg);
   static void EnvCleanup(void* arg);
 
@@ -108,12 +112,14 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   io_uring ring_{};
   bool ringInit_ = false;
   bool deferTaskrun_ = false;
-  // Inside Reap's JS callback: Submit() leaves its SQEs for Reap to submit
-  // together with the next reap (one io_uring_enter for both).
-  bool inReap_ = false;
   std::string ringSetup_;
   UniqueFd eventFd_;
   uv_poll_t* poll_ = nullptr;
+  // Submit() only queues SQEs; these submit them once per loop phase (after
+  // the poll phase, and before the loop blocks), so every request that
+  // arrived in one phase goes down in one io_uring_enter.
+  uv_check_t* check_ = nullptr;
+  uv_prepare_t* prepare_ = nullptr;
   bool loopRefed_ = true;
   bool cleanupHookAdded_ = false;
   bool selfRefed_ = false;
