@@ -192,6 +192,14 @@ export class ScanRun {
     this.log.info({ event: `${this.kind}-resumed`, nextBlock: this.next, pausedMs: ms }, `${this.kind} of ${this.device} resumed at block ${this.next} after ${ms} ms`);
   }
 
+  /** A run that ends while paused: the pause counts, without a resumed line. */
+  private endPause(): void {
+    if (this.stateValue !== 'paused') return;
+    this.pausedMs += Date.now() - this.pauseStart;
+    this.stateValue = 'running';
+    this.pauseReasonValue = null;
+  }
+
   snapshot(): ScanSnapshot {
     const bs = this.engine.blockSize;
     const now = this.finished ?? Date.now();
@@ -258,10 +266,10 @@ export class ScanRun {
         this.next += n;
         this.progressLog();
       }
-      this.resume();
+      this.endPause();
       this.stateValue = signal.aborted ? 'cancelled' : 'done';
     } catch (err) {
-      this.resume();
+      this.endPause();
       if (signal.aborted) {
         this.stateValue = 'cancelled';
       } else {
