@@ -1,9 +1,10 @@
 import type { Logger } from 'pino';
 import { ERRNO, RemapError, errnoName } from '../errors.js';
-import { BackingOp, IO_FUA, allocAligned, type BackingDevice } from '../native/backing.js';
+import { BackingDevice, BackingOp, IO_FUA, allocAligned } from '../native/backing.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
-import { SpareAllocator } from '../remap/spare-allocator.js';
+import { SparePool, LABEL_BYTES, encodeLabel, readLabel, storageClash, type PoolSpareInput, type SpareInfo } from './spare-pool.js';
+import { MAX_SPARE_BLOCKS } from '../remap/spare-allocator.js';
 import { planRange, type Extent } from '../remap/planner.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
 import type { MetadataWriter } from '../metadata/writer.js';
@@ -111,6 +112,12 @@ export interface EngineParts {
   /** Byte offset of spare data block 0 on the spare device. */
   spareDataOffset: number;
   spareDataBlocks: number;
+  /** Spare pool: the extra spares (ordinal 1, 2, ...), opened and checked (open.ts). */
+  extraSpares?: PoolSpareInput[];
+  /** Device UUID of the metadata (labels of extra spares carry it). */
+  deviceUuid?: string;
+  /** How spare add opens a new spare (like the others). */
+  spareOpen?: { direct: boolean; queueDepth?: number };
   table: RemapTable;
   pending: BlockSet;
   badSpare: BlockSet;
@@ -165,7 +172,8 @@ export class BlockEngine {
   private readonly pending: BlockSet;
   private readonly badSpare: BlockSet;
   private readonly quarantined: BlockSet;
-  private readonly allocator: SpareAllocator;
+  /** Every spare's allocation over the global spare index space (spare-pool.ts). */
+  private readonly allocator: SparePool;
   private readonly writer: MetadataWriter;
   private readonly log: Logger;
   private readonly metadataTimeoutMs: number;
@@ -206,7 +214,12 @@ export class BlockEngine {
     this.pending = p.pending;
     this.badSpare = p.badSpare;
     this.quarantined = p.quarantined;
-    this.allocator = SpareAllocator.derive(p.spareDataBlocks, p.table, p.badSpare, p.quarantined);
+    this.allocator = SparePool.derive(p.blockSize, [
+      { ordinal: 0, dev: p.spare, path: p.spare.info.path, dataOffset: p.spareDataOffset, blocks: p.spareDataBlocks, labelCrc: 0 },
+      ...(p.extraSpares ?? []),
+    ], p.table, p.badSpare, p.quarantined);
+    this.deviceUuid = p.deviceUuid ?? null;
+    this.spareOpen = p.spareOpen ?? { direct: p.spare.info.openMode === 'direct' };
     this.writer = p.writer;
     this.log = p.logger.child({ device: p.name });
     this.metadataTimeoutMs = p.metadataTimeoutMs;
@@ -221,7 +234,8 @@ export class BlockEngine {
   }
 
   get openMode(): 'direct' | 'buffered' {
-    return this.main.info.openMode === 'direct' && this.spare.info.openMode === 'direct' ? 'direct' : 'buffered';
+    return this.main.info.openMode === 'direct' && this.spare.info.openMode === 'direct'
+      && this.allocator.extras().every((x) => x.dev.info.openMode === 'direct') ? 'direct' : 'buffered';
   }
 
   /** What the device can do, for frontends deriving their flags from it. */
@@ -239,8 +253,10 @@ export class BlockEngine {
     const pending = this.pending.copyKeys();
     const badSpare = this.badSpare.copyKeys();
     const quarantined = this.quarantined.copyKeys();
+    const spares = this.allocator.extras().map((x) => ({ ordinal: x.ordinal, blocks: x.blocks, crc: x.labelCrc }));
     return {
       *[Symbol.iterator](): Iterator<MetaRecord> {
+        for (const x of spares) yield { type: RecordType.SPARE_ADD, logical: x.ordinal, spare: x.blocks, dataCrc: x.crc };
         for (let i = 0; i < remaps.keys.length; i++) yield { type: RecordType.REMAP, logical: remaps.keys[i], spare: remaps.values[i], dataCrc: 0 };
         for (const l of pending) yield { type: RecordType.PENDING_ADD, logical: l, spare: 0, dataCrc: 0 };
         for (const s of badSpare) yield { type: RecordType.SPARE_BAD, logical: 0, spare: s, dataCrc: 0 };
@@ -431,9 +447,9 @@ export class BlockEngine {
     }
   }
 
-  /** Byte offset of spare data block `spare` on the spare device. */
+  /** Byte offset of spare data block `spare` on the spare device that holds it (spare pool: see spareInfo). */
   spareOffset(spare: number): number {
-    return this.spareDataOffset + spare * this.blockSize;
+    return this.allocator.offsetOf(spare);
   }
 
   /** Move the device to the failed state (once), loudly. */
@@ -474,7 +490,7 @@ export class BlockEngine {
     if (e.target === 'spare' && this.pending.size > 0) this.refuseLostBlocks(e.logical, e.blocks);
     const res = e.target === 'main'
       ? await this.main.io(BackingOp.READ, dst, e.logical * bs, len)
-      : await this.spare.io(BackingOp.READ, dst, this.spareOffset(e.spare), len);
+      : await this.allocator.io(BackingOp.READ, dst, e.spare, len);
     if (res !== len) await this.recoverRead(e.logical, e.blocks, buf, e.bufOffset, res, e.target);
   }
 
@@ -504,7 +520,7 @@ export class BlockEngine {
       for (let attempt = 0; attempt < this.readRetries && !ok; attempt++) {
         spare = this.table.get(logical);
         last = spare >= 0
-          ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
+          ? await this.allocator.io(BackingOp.READ, dst, spare, bs)
           : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
         ok = last === bs;
         if (!ok && last < 0 && classifyErrno(last) !== 'media') {
@@ -541,7 +557,7 @@ export class BlockEngine {
       if (spare === failedSpare.get(logical)) continue;
       const dst = buf.subarray(bufOffset + (logical - first) * bs, bufOffset + (logical - first + 1) * bs);
       const r = spare >= 0
-        ? await this.spare.io(BackingOp.READ, dst, this.spareOffset(spare), bs)
+        ? await this.allocator.io(BackingOp.READ, dst, spare, bs)
         : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
       if (r !== bs) continue;
       lost.splice(i, 1);
@@ -621,7 +637,7 @@ export class BlockEngine {
       if (res !== len) await this.recoverMainWrite(e.logical, e.blocks, buf, e.bufOffset, res, fua);
       return;
     }
-    const res = await this.spare.io(BackingOp.WRITE, src, this.spareOffset(e.spare), len, fua ? IO_FUA : 0);
+    const res = await this.allocator.io(BackingOp.WRITE, src, e.spare, len, fua ? IO_FUA : 0);
     if (res !== len) await this.recoverSpareWrite(e.logical, e.blocks, buf, e.bufOffset, res, fua);
   }
 
@@ -640,7 +656,7 @@ export class BlockEngine {
       const spare = this.table.get(logical);
       if (spare >= 0) {
         // Remapped meanwhile (a concurrent writer of the same block): follow it.
-        const r = await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0);
+        const r = await this.allocator.io(BackingOp.WRITE, data, spare, bs, fua ? IO_FUA : 0);
         if (r !== bs) await this.recoverSpareWrite(logical, 1, buf, bufOffset + i * bs, r, fua);
         continue;
       }
@@ -673,7 +689,7 @@ export class BlockEngine {
       const logical = first + i;
       const data = buf.subarray(bufOffset + i * bs, bufOffset + (i + 1) * bs);
       const spare = this.table.get(logical);
-      const r = spare >= 0 ? await this.spare.io(BackingOp.WRITE, data, this.spareOffset(spare), bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
+      const r = spare >= 0 ? await this.allocator.io(BackingOp.WRITE, data, spare, bs, fua ? IO_FUA : 0) : -ERRNO.EIO;
       if (r === bs) continue;
       if (r < 0 && classifyErrno(r) !== 'media') throw this.nonMediaError(r, 'write', { target: 'spare', block: logical, offset: this.spareOffset(spare) });
       bad.push({ logical, data, seen: spare });
@@ -751,7 +767,7 @@ export class BlockEngine {
           followed.push({ logical: item.logical, spare: now }); // already moved: never copy stale data over it
           continue;
         }
-        const r = await bounded(this.spare.io(BackingOp.WRITE, item.data, this.spareOffset(now), this.blockSize), 'spare data write', item.logical);
+        const r = await bounded(this.allocator.io(BackingOp.WRITE, item.data, now, this.blockSize), 'spare data write', item.logical);
         if (r === this.blockSize) followed.push({ logical: item.logical, spare: now });
         else fresh.push({ logical: item.logical, data: item.data });
       }
@@ -770,7 +786,7 @@ export class BlockEngine {
           return { ...t, spare };
         });
         const results = await Promise.all(attempts.map((a) =>
-          bounded(this.spare.io(BackingOp.WRITE, a.item.data, this.spareOffset(a.spare), this.blockSize), 'spare data write', a.item.logical)));
+          bounded(this.allocator.io(BackingOp.WRITE, a.item.data, a.spare, this.blockSize), 'spare data write', a.item.logical)));
         const again: typeof todo = [];
         attempts.forEach((a, i) => {
           const r = results[i];
@@ -801,7 +817,8 @@ export class BlockEngine {
           newlyBad.push(p.old);
         }
       }
-      const sync = await bounded(this.spare.io(BackingOp.FDATASYNC, null, 0, 0), 'spare fdatasync', items[0].logical);
+      // The spares that got data (spare pool: only those).
+      const sync = await bounded(this.allocator.sync([...placed, ...followed].map((x) => x.spare)), 'spare fdatasync', items[0].logical);
       if (sync < 0) {
         this.latchFlushFailure(sync, 'spare');
         throw new RemapError(-sync, 'fdatasync of the spare failed before committing a remap', { device: this.name, op: why, block: items[0].logical });
@@ -915,7 +932,7 @@ export class BlockEngine {
       let last = 0;
       for (let attempt = 0; attempt < this.readRetries; attempt++) {
         last = existing >= 0
-          ? await this.spare.io(BackingOp.READ, data, this.spareOffset(existing), bs)
+          ? await this.allocator.io(BackingOp.READ, data, existing, bs)
           : await this.main.io(BackingOp.READ, data, block * bs, bs);
         if (last === bs) {
           readable.push({ index, block, data, seen: existing });
@@ -981,7 +998,7 @@ export class BlockEngine {
     }
     const [m, s] = await Promise.all([
       this.main.io(BackingOp.FDATASYNC, null, 0, 0),
-      this.spareIsMain ? Promise.resolve(0) : this.spare.io(BackingOp.FDATASYNC, null, 0, 0),
+      this.allocator.sync(undefined, this.spareIsMain ? this.main : undefined), // every spare of the pool
     ]);
     if (m < 0) this.latchFlushFailure(m, 'main');
     if (s < 0) this.latchFlushFailure(s, 'spare');
@@ -1002,9 +1019,8 @@ export class BlockEngine {
     const extents = planRange(this.table, offset, length, bs);
     await Promise.all(extents.map(async (e) => {
       const len = e.blocks * bs;
-      const dev = e.target === 'main' ? this.main : this.spare;
       const at = e.target === 'main' ? e.logical * bs : this.spareOffset(e.spare);
-      const res = await dev.io(BackingOp.DISCARD, null, at, len);
+      const res = e.target === 'main' ? await this.main.io(BackingOp.DISCARD, null, at, len) : await this.allocator.io(BackingOp.DISCARD, null, e.spare, len);
       if (res < 0 && classifyErrno(res) !== 'unsupported') {
         if (classifyErrno(res) === 'media') throw new RemapError(-res, `discard failed`, { device: this.name, op: 'discard', block: e.logical });
         throw this.nonMediaError(res, 'discard', { target: e.target, block: e.logical, offset: at });
@@ -1028,10 +1044,12 @@ export class BlockEngine {
         return;
       }
       const len = e.blocks * bs;
-      const dev = e.target === 'main' ? this.main : this.spare;
-      const at = e.target === 'main' ? e.logical * bs : this.spareOffset(e.spare);
-      let res = await dev.io(BackingOp.WRITE_ZEROES, null, at, len);
-      if (res >= 0 && fua) res = await dev.io(BackingOp.FDATASYNC, null, 0, 0);
+      let res = e.target === 'main'
+        ? await this.main.io(BackingOp.WRITE_ZEROES, null, e.logical * bs, len)
+        : await this.allocator.io(BackingOp.WRITE_ZEROES, null, e.spare, len);
+      if (res >= 0 && fua) {
+        res = e.target === 'main' ? await this.main.io(BackingOp.FDATASYNC, null, 0, 0) : await this.allocator.sync(this.allocator.rangeIndices(e.spare, e.blocks));
+      }
       if (res >= 0) return;
       // Not offered, or failed: write real zeroes, which runs the full write
       // error policy (so a bad block under WRITE_ZEROES is remapped too).
@@ -1082,15 +1100,20 @@ export class BlockEngine {
     if (graceful && drained.done && this.flushLatch === 0 && !deadline.expired) {
       const r = await within(Promise.all([
         this.main.io(BackingOp.FDATASYNC, null, 0, 0),
-        this.spareIsMain ? Promise.resolve(0) : this.spare.io(BackingOp.FDATASYNC, null, 0, 0),
+        this.allocator.sync(undefined, this.spareIsMain ? this.main : undefined), // every spare of the pool
       ]), deadline.remaining());
       synced = r.done && r.value[0] >= 0 && r.value[1] >= 0;
     }
     const ringBudget = deadline.remaining();
-    const [m, s] = await Promise.all([
+    const [m, s, ...extra] = await Promise.all([
       this.main.close(ringBudget),
       this.spareIsMain ? Promise.resolve({ cancelled: 0, abandoned: 0 }) : this.spare.close(ringBudget),
+      ...this.allocator.extras().map((x) => x.dev.close(ringBudget)),
     ]);
+    for (const x of extra) {
+      s.cancelled += x.cancelled;
+      s.abandoned += x.abandoned;
+    }
     this.stateValue = 'closed';
     this.wakeDrainers();
     const report: CloseReport = {
@@ -1235,7 +1258,7 @@ export class BlockEngine {
       }
       const data = allocAligned(bs);
       let r = 0;
-      for (let attempt = 0; attempt < this.readRetries && r !== bs; attempt++) r = await this.spare.io(BackingOp.READ, data, this.spareOffset(spare), bs);
+      for (let attempt = 0; attempt < this.readRetries && r !== bs; attempt++) r = await this.allocator.io(BackingOp.READ, data, spare, bs);
       if (r !== bs) {
         const errno = r < 0 ? -r : ERRNO.EIO;
         fail(g, errno, `block ${g.block}: reading spare block ${spare} failed (${errnoName(errno)}); it stays remapped`, spare);
@@ -1457,5 +1480,111 @@ export class BlockEngine {
       if (--this.inFlightRequests === 0) this.wakeDrainers();
     }
     return out;
+  }
+
+  // ------------------------------------------------------- spare pool (issue 6)
+
+  /** Device UUID of the metadata; extra spares' labels carry it. */
+  private readonly deviceUuid: string | null;
+  /** How spare add opens a new spare (O_DIRECT like the others). */
+  private readonly spareOpen: { direct: boolean; queueDepth?: number };
+  /** One addSpare() at a time. */
+  private spareAddChain: Promise<unknown> = Promise.resolve();
+
+  /** Every spare of the pool: spare 0 is the primary (it holds the metadata). */
+  spareInfo(): SpareInfo[] {
+    return this.allocator.info();
+  }
+
+  /**
+   * Adds an extra spare online: opens `path` (exclusively, O_DIRECT like the
+   * others), refuses one that shares storage with main or another spare of
+   * this device, writes its label (a blank spare only with `format`; never
+   * over the label of another device, a damaged label, or dm-remapd
+   * metadata), syncs it, commits SPARE_ADD durably, and only then lets the
+   * allocator hand out its blocks. A label of this device with the next
+   * ordinal, left by an add whose commit never landed, is reused.
+   */
+  addSpare(path: string, opts: { format?: boolean } = {}): Promise<SpareInfo> {
+    const run = this.spareAddChain.then(() => this.addSpareNow(path, opts.format === true));
+    this.spareAddChain = run.catch(() => undefined);
+    return run;
+  }
+
+  private async addSpareNow(path: string, format: boolean): Promise<SpareInfo> {
+    const op = 'spare-add';
+    if (this.stateValue === 'stopping' || this.stateValue === 'closed') {
+      throw new RemapError(ERRNO.ESHUTDOWN, 'device is being removed', { device: this.name, op });
+    }
+    this.requireWritable(op);
+    if (this.deviceUuid === null) throw new RemapError(ERRNO.EINVAL, 'the device UUID is unknown; cannot label a spare', { device: this.name, op });
+    const ordinal = this.allocator.count;
+    const bs = this.blockSize;
+    let dev: BackingDevice;
+    try {
+      dev = BackingDevice.open(path, { direct: this.spareOpen.direct, exclusive: true, queueDepth: this.spareOpen.queueDepth });
+    } catch (err) {
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      throw new RemapError(errno, `spare ${path} cannot be opened (${errnoName(errno)})`, { device: this.name, op }, { cause: err });
+    }
+    try {
+      const others: Array<[string, BackingDevice]> = [['main', this.main], ['spare 0', this.spare],
+        ...this.allocator.extras().map((x): [string, BackingDevice] => [`spare ${x.ordinal}`, x.dev])];
+      for (const [role, other] of others) {
+        const clash = storageClash(other.info, dev.info);
+        if (clash !== null) throw new RemapError(ERRNO.EBUSY, `spare ${path} is already used as ${role} of this device (${clash})`, { device: this.name, op });
+      }
+      if (dev.info.logicalBlockSize > bs) {
+        throw new RemapError(ERRNO.EINVAL, `spare ${path} has ${dev.info.logicalBlockSize}-byte sectors, more than the ${bs}-byte block`, { device: this.name, op });
+      }
+      const found = await readLabel(dev);
+      if (found.ok) {
+        const l = found.label;
+        if (l.deviceUuid !== this.deviceUuid) {
+          throw new RemapError(ERRNO.EEXIST, `spare ${path} is spare ${l.ordinal} of another device (UUID ${l.deviceUuid}); refusing to overwrite its label`, { device: this.name, op });
+        }
+        if (l.ordinal !== ordinal) {
+          throw new RemapError(ERRNO.EEXIST, `spare ${path} carries the label of spare ${l.ordinal} of this device, not of the next spare ${ordinal}; refusing to overwrite it`, {
+            device: this.name, op,
+          });
+        }
+        this.log.warn({ event: 'spare-label-reused', spare: path, ordinal }, `spare ${path}: reusing the label of spare ${ordinal} left by an add that was not committed`);
+      } else if (found.metadata) {
+        throw new RemapError(ERRNO.EEXIST, `spare ${path} holds dm-remapd metadata (the primary spare of a device); refusing to overwrite it`, { device: this.name, op });
+      } else if (found.magic) {
+        throw new RemapError(ERRNO.EBADMSG, `spare ${path} holds a damaged spare label (${found.reason}); refusing to overwrite it (wipe its first 4 KiB to reuse it)`, {
+          device: this.name, op,
+        });
+      } else if (!format) {
+        throw new RemapError(ERRNO.ENODATA, `spare ${path} has no spare label; pass --format to label it (its first ${LABEL_BYTES} bytes are overwritten)`, {
+          device: this.name, op,
+        });
+      }
+      const blocks = Math.min(MAX_SPARE_BLOCKS, Math.floor((dev.info.sizeBytes - LABEL_BYTES) / bs));
+      if (!(blocks >= 1)) {
+        throw new RemapError(ERRNO.ENOSPC, `spare ${path} (${dev.info.sizeBytes} bytes) is too small for its ${LABEL_BYTES}-byte label and one ${bs}-byte block`, {
+          device: this.name, op,
+        });
+      }
+      const label = allocAligned(LABEL_BYTES);
+      label.set(encodeLabel({ deviceUuid: this.deviceUuid, ordinal, blockSize: bs, dataOffset: LABEL_BYTES, dataBlocks: blocks, createdAtMs: Date.now() }));
+      const labelCrc = new DataView(label.buffer, label.byteOffset, LABEL_BYTES).getUint32(LABEL_BYTES - 4, true);
+      let r = await dev.io(BackingOp.WRITE, label, 0, LABEL_BYTES);
+      if (r === LABEL_BYTES) r = await dev.io(BackingOp.FDATASYNC, null, 0, 0);
+      if (r < 0 || (r > 0 && r !== LABEL_BYTES)) {
+        const errno = r < 0 ? -r : ERRNO.EIO;
+        throw new RemapError(errno, `writing the label of spare ${path} failed (${errnoName(errno)})`, { device: this.name, op });
+      }
+      await this.commit([{ type: RecordType.SPARE_ADD, logical: ordinal, spare: blocks, dataCrc: labelCrc }]);
+      // Committed: hand out its blocks (in this continuation, for the checkpoint snapshot).
+      const info = this.allocator.add({ ordinal, dev, path, dataOffset: LABEL_BYTES, blocks, labelCrc });
+      if (this.allocator.free > 0) this.spareExhausted = false;
+      this.log.info({ event: 'spare-added', spare: path, ordinal, blocks, spareBlocksTotal: this.allocator.total },
+        `spare ${ordinal} (${path}, ${blocks} blocks) added to ${this.name}`);
+      return info;
+    } catch (err) {
+      await dev.close(1000).catch(() => undefined);
+      throw err;
+    }
   }
 }

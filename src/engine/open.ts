@@ -1,9 +1,6 @@
-import { readFileSync, realpathSync, statSync } from 'node:fs';
-import { basename } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { ERRNO, RemapError } from '../errors.js';
+import { ERRNO, RemapError, errnoName } from '../errors.js';
 import { BackingDevice } from '../native/backing.js';
-import type { NativeBackingInfo } from '../native/binding.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
@@ -12,6 +9,7 @@ import { MetadataWriter } from '../metadata/writer.js';
 import { BlockEngine, type EngineParts } from './engine.js';
 import { BackingMetaIO } from './meta-io.js';
 import { describeIdentity, identityOf, sameMain } from './identity.js';
+import { backingRange, readLabel, storageClash, type PoolSpareInput } from './spare-pool.js';
 
 export interface OpenEngineOptions {
   /** Device name, used in logs and errors. */
@@ -21,6 +19,12 @@ export interface OpenEngineOptions {
   sparePath?: string;
   /** ...or a reserved tail region of main, in bytes (a multiple of 4096). */
   spareTailBytes?: number;
+  /**
+   * Spare pool: the paths of the extra spares, in the order they were
+   * added (spare 1, 2, ...). Every extra spare the metadata records must be
+   * given and carry its label; the device refuses to open otherwise.
+   */
+  extraSpares?: readonly string[];
   /** Format a spare that has no metadata. Never overwrites existing metadata. */
   format?: boolean;
   /** Remap unit in bytes (4096 default, or 512). On reopen it must match the metadata. */
@@ -39,7 +43,10 @@ export interface OpenEngineOptions {
   logger?: Logger;
 }
 
-function rebuild(records: readonly MetaRecord[]): { table: RemapTable; pending: BlockSet; badSpare: BlockSet; quarantined: BlockSet } {
+function rebuild(records: readonly MetaRecord[]): {
+  table: RemapTable; pending: BlockSet; badSpare: BlockSet; quarantined: BlockSet; spares: Map<number, { blocks: number; labelCrc: number }>;
+} {
+  const spares = new Map<number, { blocks: number; labelCrc: number }>();
   const table = new RemapTable();
   const pending = new BlockSet();
   const badSpare = new BlockSet();
@@ -65,30 +72,14 @@ function rebuild(records: readonly MetaRecord[]): { table: RemapTable; pending: 
       case RecordType.QUARANTINE:
         quarantined.add(r.spare);
         break;
+      case RecordType.SPARE_ADD:
+        spares.set(r.logical, { blocks: r.spare, labelCrc: r.dataCrc }); // a later record of the same spare wins
+        break;
       default:
         break;
     }
   }
-  return { table, pending, badSpare, quarantined };
-}
-
-/**
- * Where a file or a loop device keeps its bytes: the file's dev/inode and
- * byte range (a loop device: its backing file, offset and size limit from
- * sysfs). Null when unknown (another kind of block device, a deleted backing
- * file).
- */
-function backingRange(info: NativeBackingInfo): { file: string; dev: number; ino: number; start: number; end: number } | null {
-  if (!info.isBlockDevice) return { file: info.path, dev: info.dev, ino: info.ino, start: 0, end: info.sizeBytes };
-  try {
-    const sys = `/sys/class/block/${basename(realpathSync(info.path))}/loop`;
-    const file = readFileSync(`${sys}/backing_file`, 'utf8').trim();
-    const st = statSync(file);
-    const start = Number(readFileSync(`${sys}/offset`, 'utf8').trim());
-    return { file, dev: st.dev, ino: st.ino, start, end: start + info.sizeBytes };
-  } catch {
-    return null;
-  }
+  return { table, pending, badSpare, quarantined, spares };
 }
 
 /**
@@ -117,9 +108,11 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
   }
   const main = BackingDevice.open(o.mainPath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth });
   let spare: BackingDevice = main;
+  const extras: BackingDevice[] = [];
   const cleanup = async (): Promise<void> => {
     await main.close(1000);
     if (spare !== main) await spare.close(1000);
+    for (const x of extras) await x.close(1000);
   };
   try {
     let areaOffset = 0;
@@ -197,7 +190,8 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
       }
       log.warn({ event: 'identity-override', device: o.name }, msg);
     }
-    const state = rebuild(loaded.records);
+    const { spares: recordedSpares, ...state } = rebuild(loaded.records);
+    const extraSpares = await openExtraSpares(o, id.deviceUuid, id.blockSize, recordedSpares, [main, spare], extras, log);
     const layout = loaded.layout;
     let engine: BlockEngine | undefined;
     const writer = new MetadataWriter(metaIO, loaded, {
@@ -211,6 +205,7 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
       blockSize: id.blockSize,
       spareDataOffset: layout.dataOffset,
       spareDataBlocks: layout.dataBlocks,
+      extraSpares, deviceUuid: id.deviceUuid, spareOpen: { direct, queueDepth: o.queueDepth },
       ...state,
       writer, logger: log, metadataTimeoutMs: timeoutMs,
       readRetries: o.readRetries, breaker: o.breaker,
@@ -218,11 +213,80 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
     engine = new BlockEngine(parts);
     log.info({
       event: 'opened', device: o.name, main: main.info.path, spare: spare.info.path, openMode: engine.openMode,
-      remapped: state.table.size, pending: state.pending.size, seq: loaded.seq,
+      remapped: state.table.size, pending: state.pending.size, seq: loaded.seq, spares: 1 + extraSpares.length,
     }, `device ${o.name} opened`);
     return engine;
   } catch (err) {
     await cleanup();
     throw err;
   }
+}
+
+/**
+ * Spare pool: opens the extra spares the metadata records (ordinals 1..K,
+ * from `o.extraSpares`, in order) and checks each one's label against the
+ * record (device UUID, ordinal, block size, block count, label CRC32C), so
+ * that a missing spare, or another file in its place, stops the device
+ * instead of serving wrong data. Opened devices go to `opened` (closed by
+ * the caller on failure). Paths beyond K (an add that never committed) are
+ * left alone, with a warning.
+ */
+async function openExtraSpares(o: OpenEngineOptions, uuid: string, blockSize: number, recorded: Map<number, { blocks: number; labelCrc: number }>,
+  base: BackingDevice[], opened: BackingDevice[], log: Logger): Promise<PoolSpareInput[]> {
+  const paths = o.extraSpares ?? [];
+  const k = recorded.size;
+  for (let i = 1; i <= k; i++) {
+    if (!recorded.has(i)) {
+      throw new RemapError(ERRNO.EBADMSG, `the metadata records ${k} extra spare(s) but not spare ${i}; refusing to start rather than serve wrong data`, {
+        device: o.name, op: 'open',
+      });
+    }
+  }
+  if (paths.length < k) {
+    const missing = [...recorded.entries()].filter(([n]) => n > paths.length).map(([n, r]) => `spare ${n} (${r.blocks} blocks)`);
+    throw new RemapError(ERRNO.ENOENT, `the metadata records ${k} extra spare(s) but ${paths.length} path(s) were given: ${missing.join(', ')} missing; `
+      + 'refusing to start rather than serve wrong data', { device: o.name, op: 'open' });
+  }
+  for (const [i, p] of paths.entries()) {
+    if (i + 1 > k) log.warn({ event: 'spare-unrecorded', device: o.name, spare: p, ordinal: i + 1 }, `spare ${p} is not recorded in the metadata (an add that did not commit); not used`);
+  }
+  const out: PoolSpareInput[] = [];
+  const refuse = (errno: number, ordinal: number, path: string, why: string): RemapError =>
+    new RemapError(errno, `spare ${ordinal} ${path}: ${why} (${errnoName(errno)}); refusing to start rather than serve wrong data`, { device: o.name, op: 'open' });
+  for (let ordinal = 1; ordinal <= k; ordinal++) {
+    const path = paths[ordinal - 1];
+    const rec = recorded.get(ordinal) as { blocks: number; labelCrc: number };
+    let dev: BackingDevice;
+    try {
+      dev = BackingDevice.open(path, { direct: o.direct ?? true, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth });
+    } catch (err) {
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      throw refuse(errno, ordinal, path, errno === ERRNO.ENOENT ? 'it does not exist' : 'it cannot be opened');
+    }
+    opened.push(dev);
+    for (const other of [...base, ...opened.slice(0, -1)]) {
+      const clash = storageClash(other.info, dev.info);
+      if (clash !== null) throw refuse(ERRNO.EBUSY, ordinal, path, `it shares storage with another part of the device: ${clash}`);
+    }
+    let found;
+    try {
+      found = await readLabel(dev);
+    } catch (err) {
+      const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
+      throw refuse(errno, ordinal, path, 'its label cannot be read');
+    }
+    if (!found.ok) throw refuse(ERRNO.EMEDIUMTYPE, ordinal, path, `it is not the recorded spare: ${found.reason}`);
+    const l = found.label;
+    if (l.deviceUuid !== uuid) throw refuse(ERRNO.EMEDIUMTYPE, ordinal, path, `it is a spare of another device (UUID ${l.deviceUuid}, this device ${uuid})`);
+    if (l.ordinal !== ordinal) throw refuse(ERRNO.EMEDIUMTYPE, ordinal, path, `it is spare ${l.ordinal} of this device, not spare ${ordinal}: give the paths in the order the spares were added`);
+    if (found.crc !== rec.labelCrc || l.dataBlocks !== rec.blocks || l.blockSize !== blockSize) {
+      throw refuse(ERRNO.EMEDIUMTYPE, ordinal, path, `its label (${l.dataBlocks} blocks, CRC 0x${found.crc.toString(16)}) is not the recorded one `
+        + `(${rec.blocks} blocks, CRC 0x${rec.labelCrc.toString(16)}): another labelling of this spare`);
+    }
+    if (l.dataOffset + l.dataBlocks * blockSize > dev.info.sizeBytes) {
+      throw refuse(ERRNO.EMEDIUMTYPE, ordinal, path, `it is ${dev.info.sizeBytes} bytes, smaller than its ${l.dataBlocks} blocks after the label (truncated?)`);
+    }
+    out.push({ ordinal, dev, path, dataOffset: l.dataOffset, blocks: l.dataBlocks, labelCrc: found.crc });
+  }
+  return out;
 }

@@ -14,6 +14,12 @@ export const RecordType = {
   QUARANTINE: 5,
   /** logical block is no longer remapped. */
   UNMAP: 6,
+  /**
+   * Spare pool: extra spare number `logical` (1, 2, ...) joined the device,
+   * with `spare` data blocks and the label whose CRC32C is `dataCrc`. Its
+   * blocks take the global spare indices after those of the spares before it.
+   */
+  SPARE_ADD: 7,
 } as const;
 
 export type RecordTypeName = keyof typeof RecordType;
@@ -21,11 +27,11 @@ export type RecordTypeCode = (typeof RecordType)[RecordTypeName];
 
 export interface MetaRecord {
   type: RecordTypeCode;
-  /** Logical block number (REMAP, PENDING_ADD, PENDING_CLEAR, UNMAP), else 0. */
+  /** Logical block number (REMAP, PENDING_ADD, PENDING_CLEAR, UNMAP); extra spare ordinal (SPARE_ADD); else 0. */
   logical: number;
-  /** Spare block index (REMAP, SPARE_BAD, QUARANTINE), else 0. */
+  /** Spare block index (REMAP, SPARE_BAD, QUARANTINE); block count (SPARE_ADD); else 0. */
   spare: number;
-  /** CRC32C of the block's data (REMAP), else 0. */
+  /** CRC32C of the block's data (REMAP), of the spare label (SPARE_ADD), else 0. */
   dataCrc: number;
 }
 

@@ -11,10 +11,12 @@ export interface MetaState {
   pending: Set<number>;
   badSpare: Set<number>;
   quarantined: Set<number>;
+  /** Extra spares of the pool by ordinal (1, 2, ...): block count and label CRC32C. */
+  spares: Map<number, { blocks: number; labelCrc: number }>;
 }
 
 export function emptyState(): MetaState {
-  return { remaps: new Map(), pending: new Set(), badSpare: new Set(), quarantined: new Set() };
+  return { remaps: new Map(), pending: new Set(), badSpare: new Set(), quarantined: new Set(), spares: new Map() };
 }
 
 /** Applies one record. Every record overwrites keys, so replaying a suffix of the stream over a state that already contains part of it is harmless. */
@@ -39,6 +41,9 @@ export function applyRecord(s: MetaState, r: MetaRecord): void {
     case RecordType.UNMAP:
       s.remaps.delete(r.logical);
       break;
+    case RecordType.SPARE_ADD:
+      s.spares.set(r.logical, { blocks: r.spare, labelCrc: r.dataCrc });
+      break;
   }
 }
 
@@ -48,13 +53,18 @@ export function reduce(records: Iterable<MetaRecord>, into: MetaState = emptySta
 }
 
 /**
- * The state as a record stream (what a checkpoint stores): remaps, then
- * pending, bad and quarantined spare blocks, each in ascending order. Built
+ * The state as a record stream (what a checkpoint stores): extra spares,
+ * remaps, then pending, bad and quarantined spare blocks, each in ascending
+ * order. Built
  * eagerly, so it is a point-in-time view that later changes to `s` do not
  * touch (the writer consumes a snapshot over several macrotasks).
  */
 export function stateToRecords(s: MetaState): MetaRecord[] {
   const out: MetaRecord[] = [];
+  for (const k of [...s.spares.keys()].sort((a, b) => a - b)) {
+    const sp = s.spares.get(k) as { blocks: number; labelCrc: number };
+    out.push({ type: RecordType.SPARE_ADD, logical: k, spare: sp.blocks, dataCrc: sp.labelCrc });
+  }
   for (const k of [...s.remaps.keys()].sort((a, b) => a - b)) {
     const e = s.remaps.get(k) as RemapEntry;
     out.push({ type: RecordType.REMAP, logical: k, spare: e.spare, dataCrc: e.dataCrc });
@@ -82,6 +92,11 @@ export function statesEqual(a: MetaState, b: MetaState): boolean {
   for (const [k, e] of a.remaps) {
     const f = b.remaps.get(k);
     if (!f || f.spare !== e.spare || f.dataCrc !== e.dataCrc) return false;
+  }
+  if (a.spares.size !== b.spares.size) return false;
+  for (const [k, sp] of a.spares) {
+    const o = b.spares.get(k);
+    if (!o || o.blocks !== sp.blocks || o.labelCrc !== sp.labelCrc) return false;
   }
   return setEq(a.pending, b.pending) && setEq(a.badSpare, b.badSpare) && setEq(a.quarantined, b.quarantined);
 }
