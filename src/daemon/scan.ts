@@ -274,7 +274,8 @@ export class ScanRun {
         this.stateValue = 'cancelled';
       } else {
         this.stateValue = 'failed';
-        this.error = errorBody(err);
+        const body = errorBody(err);
+        this.error = { ...body, message: `${this.kind} of ${this.device} stopped at block ${this.next}: ${body.message}` };
       }
     }
     this.finished = Date.now();
