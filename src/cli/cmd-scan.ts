@@ -185,6 +185,14 @@ export function registerScanCommands(program: Command, ctx: CommandContext): voi
     .option('--yes-destroy-unreadable-data', 'confirm --remap-unreadable --zero: unreadable blocks read back as zeroes from then on')
     .option('--status', 'show the device\'s last scan job and its background scrub, and exit')
     .option('--cancel', 'cancel the device\'s running scan job, and exit')
+    .addHelpText('after', `
+Exit codes of scan:
+  0    completed, nothing unreadable (or every unreadable block remapped with zeroes)
+  1    completed with unreadable blocks (now pending), or failed, or cancelled by someone else
+  2    usage (bad --range/--rate, missing --yes-destroy-unreadable-data, ...)
+  3/4/5  daemon unreachable / no such device / device busy or already being scanned
+  130  cancelled with Ctrl-C
+`)
     .action(async (name: string, opts: ScanOpts, cmd: Command) => {
       const { g, o } = ctx(cmd);
       const scanOnly = opts.range !== undefined || opts.rate !== undefined || opts.remapUnreadable === true || opts.zero === true
