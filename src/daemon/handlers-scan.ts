@@ -8,13 +8,17 @@
  * A scan runs as a job in the daemon (one per device); remapctl polls it.
  * Jobs and scrubs end when their device is removed (and at daemon stop).
  */
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import type { DaemonConfig } from './config.js';
 import type { CommandHandler } from './control.js';
 import type { DeviceEvent, DeviceManager } from './devices.js';
 import { ControlError, argBool, argInt, argString } from './protocol.js';
 import { DEFAULT_CHUNK_BYTES, ScanRun, type ScanSnapshot } from './scan.js';
-import { Scrubber, type ScrubStatus } from './scrub.js';
+import { ScrubStore, Scrubber, type ScrubStatus } from './scrub.js';
+
+/** Scrub positions across restarts, in the state folder. */
+export const SCRUB_STATE_FILE = 'scrub.json';
 
 /** Finished jobs kept for scanStatus {jobId} (remapctl polls them to their end, even past a removal). */
 const KEEP_JOBS = 32;
@@ -34,9 +38,11 @@ export class ScanService {
   private readonly own = new Map<string, { requests: number }>();
   private seq = 0;
   private readonly log: Logger;
+  private readonly store: ScrubStore | null;
 
   constructor(private readonly mgr: DeviceManager, private readonly cfg: DaemonConfig) {
     this.log = mgr.logger;
+    this.store = cfg.scrub === undefined ? null : new ScrubStore(join(cfg.stateDir, SCRUB_STATE_FILE), this.log);
     mgr.onDevice((ev) => this.onDevice(ev));
   }
 
@@ -62,7 +68,7 @@ export class ScanService {
         engine: ev.engine, config: this.cfg.scrub, logger: this.log,
         ownRequests: () => own.requests, countOwnRequest: () => { own.requests++; },
         manualScanRunning: () => this.current.get(ev.name)?.active === true,
-        newJobId: () => this.newJobId('scrub'),
+        newJobId: () => this.newJobId('scrub'), store: this.store ?? undefined,
       });
       this.scrubbers.get(ev.name)?.stop('replaced');
       this.scrubbers.set(ev.name, s);

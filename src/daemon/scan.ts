@@ -159,6 +159,11 @@ export class ScanRun {
     return this.stateValue === 'running' || this.stateValue === 'paused';
   }
 
+  /** The first block not yet scanned (where a stopped run resumes). */
+  get nextBlock(): number {
+    return this.next;
+  }
+
   get signal(): AbortSignal {
     return this.abort.signal;
   }

@@ -7,6 +7,7 @@
  * at the block where it stopped. The timer is unref'd and cleared by stop()
  * (device removal, daemon stop).
  */
+import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import type { Logger } from 'pino';
 import type { BlockEngine, EngineStats } from '../engine/engine.js';
 import type { ScrubConfig } from './config.js';
@@ -15,6 +16,68 @@ import { ScanRun, sleep, type ScanSnapshot } from './scan.js';
 /** Requests a client can send: every one is counted once by the engine. */
 export function engineRequests(s: EngineStats): number {
   return s.reads + s.writes + s.flushes + s.discards + s.writeZeroes;
+}
+
+/** What a device's scrub remembers across daemon restarts. */
+export interface ScrubRecord {
+  /** The device's size in blocks when saved: a record of another size is ignored. */
+  blocks: number;
+  nextBlock: number;
+  passesDone: number;
+  /** ms since the epoch; null: no pass completed yet. */
+  lastPassEndedAt: number | null;
+}
+
+/**
+ * `<stateDir>/scrub.json`: each device's scrub position, so that a restart
+ * neither starts a pass over nor postpones a due pass by a whole interval.
+ * Written (temp file, rename) at most every few seconds during a pass and
+ * when a pass ends or stops. Losing it costs only a repeated or early pass:
+ * no fsync.
+ */
+export class ScrubStore {
+  private readonly recs = new Map<string, ScrubRecord>();
+  private warned = false;
+
+  constructor(private readonly path: string | null, private readonly log: Logger) {
+    if (path === null) return;
+    let text: string;
+    try {
+      text = readFileSync(path, 'utf8');
+    } catch {
+      return; // none yet
+    }
+    try {
+      const v = JSON.parse(text) as { version?: unknown; devices?: unknown };
+      if (v.version !== 1 || typeof v.devices !== 'object' || v.devices === null) throw new Error('not a version 1 scrub state');
+      for (const [name, r] of Object.entries(v.devices as Record<string, unknown>)) {
+        const x = r as Partial<ScrubRecord> | null;
+        const nat = (n: unknown): n is number => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+        if (x !== null && nat(x.blocks) && nat(x.nextBlock) && nat(x.passesDone) && (x.lastPassEndedAt === null || nat(x.lastPassEndedAt))) {
+          this.recs.set(name, { blocks: x.blocks, nextBlock: x.nextBlock, passesDone: x.passesDone, lastPassEndedAt: x.lastPassEndedAt });
+        }
+      }
+    } catch (err) {
+      log.warn({ event: 'scrub-state-unreadable', path, err: String(err) }, `${path} is unreadable; scrubs start afresh`);
+    }
+  }
+
+  get(name: string): ScrubRecord | undefined {
+    return this.recs.get(name);
+  }
+
+  set(name: string, rec: ScrubRecord): void {
+    this.recs.set(name, rec);
+    if (this.path === null) return;
+    const tmp = `${this.path}.tmp-${process.pid}`;
+    try {
+      writeFileSync(tmp, `${JSON.stringify({ version: 1, devices: Object.fromEntries(this.recs) })}\n`, { mode: 0o644 });
+      renameSync(tmp, this.path);
+    } catch (err) {
+      if (!this.warned) this.log.warn({ event: 'scrub-state-write-failed', path: this.path, err: String(err) }, `cannot write ${this.path}; scrub positions are kept in memory only`);
+      this.warned = true;
+    }
+  }
 }
 
 export interface ScrubStatus {
@@ -26,6 +89,7 @@ export interface ScrubStatus {
   /** Where the next (or current) pass goes on from. */
   nextBlock: number;
   passesDone: number;
+  lastPassEndedAt: string | null;
   /** When the next pass starts (state 'waiting'). */
   nextPassAt: string | null;
   /** Pauses for client activity or a manual scan, over all passes. */
@@ -46,7 +110,12 @@ export interface ScrubberOptions {
   /** A manual scan of the device runs: the scrub waits for it. */
   manualScanRunning: () => boolean;
   newJobId: () => string;
+  /** Where positions survive a restart (none: memory only). */
+  store?: ScrubStore;
 }
+
+/** Position saves during a pass, at most this often. */
+const SAVE_EVERY_MS = 5000;
 
 /** Longest single wait of a paused scrub before it looks again. */
 const RECHECK_MAX_MS = 1000;
@@ -65,6 +134,8 @@ export class Scrubber {
   private pauses = 0;
   private found = 0;
   private last: ScanSnapshot | null = null;
+  private lastPassEndedAt: number | null = null;
+  private savedAt = 0;
   private lastClientRequests: number;
   private lastActive = Date.now();
   private readonly log: Logger;
@@ -81,10 +152,31 @@ export class Scrubber {
     return engineRequests(this.o.engine.stats) - this.o.ownRequests();
   }
 
+  /**
+   * Arms the first pass: one interval after the last completed pass (at
+   * once, give or take a second, if that is past, and a pass stopped
+   * midway resumes at its block), or one interval from now for a device
+   * never scrubbed.
+   */
   start(): void {
-    this.log.info({ event: 'scrub-scheduled', intervalMs: this.intervalMs, limitBytesPerSec: this.rate, idleMs: this.o.config.idleMs },
-      `scrub of ${this.device} every ${this.o.config.intervalHours} h at ${this.o.config.rateMBps} MiB/s`);
-    this.schedule(this.intervalMs);
+    const rec = this.o.store?.get(this.device);
+    let delay = this.intervalMs;
+    if (rec !== undefined && rec.blocks === this.o.engine.blocks) {
+      this.position = rec.nextBlock < rec.blocks ? rec.nextBlock : 0;
+      this.passes = rec.passesDone;
+      this.lastPassEndedAt = rec.lastPassEndedAt;
+      if (rec.lastPassEndedAt !== null) delay = Math.max(Math.min(1000, this.intervalMs), rec.lastPassEndedAt + this.intervalMs - Date.now());
+      else if (this.position > 0) delay = Math.min(1000, this.intervalMs);
+    }
+    this.log.info({ event: 'scrub-scheduled', intervalMs: this.intervalMs, limitBytesPerSec: this.rate, idleMs: this.o.config.idleMs,
+      nextBlock: this.position, passesDone: this.passes, firstPassInMs: delay },
+    `scrub of ${this.device} every ${this.o.config.intervalHours} h at ${this.o.config.rateMBps} MiB/s; next pass in ${Math.round(delay / 1000)} s from block ${this.position}`);
+    this.schedule(delay);
+  }
+
+  private save(nextBlock: number): void {
+    this.savedAt = Date.now();
+    this.o.store?.set(this.device, { blocks: this.o.engine.blocks, nextBlock, passesDone: this.passes, lastPassEndedAt: this.lastPassEndedAt });
   }
 
   /** Clears the timer and cancels a running pass (it ends at its next chunk boundary). */
@@ -94,7 +186,10 @@ export class Scrubber {
     if (this.timer !== null) clearTimeout(this.timer);
     this.timer = null;
     this.nextPassAt = null;
-    this.run?.cancel(reason);
+    if (this.run !== null) {
+      this.save(this.run.nextBlock); // the chunk in flight is not done: resume at it
+      this.run.cancel(reason);
+    }
   }
 
   private schedule(ms: number): void {
@@ -124,14 +219,18 @@ export class Scrubber {
     if (s.state === 'done') {
       this.passes++;
       this.position = 0;
+      this.lastPassEndedAt = Date.now();
     } else {
       this.position = s.nextBlock; // resume there
     }
+    if (this.stopped) return; // stop() saved the position
+    this.save(this.position);
     this.schedule(this.intervalMs);
   }
 
   /** Holds the pass while clients are busy or a manual scan runs. */
   private async gate(run: ScanRun, signal: AbortSignal): Promise<void> {
+    if (Date.now() - this.savedAt >= SAVE_EVERY_MS) this.save(run.nextBlock);
     for (;;) {
       if (signal.aborted) return;
       const now = Date.now();
@@ -172,6 +271,7 @@ export class Scrubber {
       idleMs: this.o.config.idleMs,
       nextBlock: current?.nextBlock ?? this.position,
       passesDone: this.passes,
+      lastPassEndedAt: this.lastPassEndedAt === null ? null : new Date(this.lastPassEndedAt).toISOString(),
       nextPassAt: this.nextPassAt === null ? null : new Date(this.nextPassAt).toISOString(),
       pauses: this.pauses,
       unreadable: this.found + (current?.unreadable ?? 0),

@@ -7,7 +7,7 @@
  * stop the daemon with exit 2 and a message naming the key.
  */
 import { spawn } from 'node:child_process';
-import { truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanupAll, makeTempDir, requireTools, startFaultDisk, type FaultDisk } from '../helpers/faultdisk.js';
@@ -21,6 +21,7 @@ const BLOCKS = 4096; // 16 MiB
 const BAD = 2000;
 
 interface Scrub {
+  lastPassEndedAt: string | null;
   state: string; pauseReason: string | null; nextBlock: number; passesDone: number; pauses: number; unreadable: number;
   current: { blocksDone: number; nextBlock: number; state: string } | null;
 }
@@ -180,6 +181,50 @@ describe('background scrub', () => {
     const scrubsBefore = d.logs.filter((l) => l.event === 'scrub-started').length;
     await new Promise((r) => setTimeout(r, 1500)); // two intervals: no pass of a removed device
     expect(d.logs.filter((l) => l.event === 'scrub-started').length).toBe(scrubsBefore);
+    expect(await d.stop()).toBe(0);
+  });
+
+  it('a daemon restart resumes a pass at its block and keeps the passes done (scrub.json)', async () => {
+    const cfg = join(dir, 'config-restart.json');
+    writeFileSync(cfg, JSON.stringify({ scrub: { intervalHours: 0.0002, rateMBps: 8, idleMs: 0 } }));
+    const stateDir = join(dir, 'state-restart');
+    d = await startDaemon(dir, { args: ['--config', cfg], stateDir });
+    const spare = join(dir, 'spare-restart.img');
+    writeFileSync(spare, '');
+    truncateSync(spare, 4 << 20);
+    expect((await ctl(d.sock, 'add', 'sr', '--main', disk.path, '--spare', spare, '--format')).code).toBe(0);
+    const scrubOf = async (x: Daemon): Promise<Scrub> =>
+      (JSON.parse((await ctl(x.sock, '--json', 'scan', 'sr', '--status')).stdout) as { scrub: Scrub }).scrub;
+    await until(async () => {
+      const s = await scrubOf(d);
+      return s.state === 'running' && (s.current?.nextBlock ?? 0) >= 512 ? s : null;
+    }, 'a scrub pass under way');
+    expect(await d.stop()).toBe(0);
+    const saved = (JSON.parse(readFileSync(join(stateDir, 'scrub.json'), 'utf8')) as { devices: Record<string, { nextBlock: number; passesDone: number; blocks: number }> }).devices.sr;
+    const stopped = d.logs.find((l) => l.event === 'scrub-finished' && l.device === 'sr') as LogLine;
+    console.log(`[scrub] stopped at ${String(stopped.nextBlock)}, saved ${JSON.stringify(saved)}`);
+    expect(stopped).toMatchObject({ state: 'cancelled', cancelReason: 'device is being removed' });
+    expect(saved).toMatchObject({ blocks: BLOCKS, passesDone: 0 });
+    expect(saved.nextBlock).toBeGreaterThan(0);
+    expect(saved.nextBlock).toBeLessThanOrEqual(stopped.nextBlock as number);
+
+    // The next daemon reassembles sr and resumes the pass at the saved block, within a second.
+    d = await startDaemon(dir, { args: ['--config', cfg], stateDir });
+    const sched = await d.waitLog((l) => l.event === 'scrub-scheduled' && l.device === 'sr');
+    expect(sched).toMatchObject({ nextBlock: saved.nextBlock, passesDone: 0 });
+    expect(sched.firstPassInMs as number).toBeLessThanOrEqual(1000);
+    const resumed = await d.waitLog((l) => l.event === 'scrub-started' && l.device === 'sr');
+    expect(resumed.startBlock).toBe(saved.nextBlock);
+    const fin = await d.waitLog((l) => l.event === 'scrub-finished' && l.device === 'sr' && l.state === 'done', 20_000);
+    expect(fin.blocksTotal).toBe(BLOCKS - saved.nextBlock);
+    await until(async () => ((await scrubOf(d)).passesDone === 1 ? true : null), 'the pass counted');
+    expect(await d.stop()).toBe(0);
+    // A third start knows the pass was done, and when.
+    d = await startDaemon(dir, { args: ['--config', cfg], stateDir });
+    const sched3 = await d.waitLog((l) => l.event === 'scrub-scheduled' && l.device === 'sr');
+    expect(sched3.passesDone as number).toBeGreaterThanOrEqual(1);
+    const st = await scrubOf(d);
+    expect(st.lastPassEndedAt).not.toBeNull();
     expect(await d.stop()).toBe(0);
   });
 });

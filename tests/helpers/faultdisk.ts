@@ -69,6 +69,29 @@ export interface FaultDiskOptions {
   delayMs?: { read?: number; write?: number };
   /** How long to wait for the mount to appear (default 20 s). */
   startTimeoutMs?: number;
+  /**
+   * A volatile write cache: writes without FUA stay in the plugin's memory
+   * (reads see them, the backing file does not) until a FLUSH, or a FUA
+   * write for its own range; powerCut() drops what was not flushed.
+   */
+  volatileCache?: boolean;
+}
+
+export interface PowerCutOptions {
+  /**
+   * Before dropping the cache, persist a random subset of the unflushed
+   * writes, chosen by this seed: each write (in arrival order) is dropped,
+   * kept whole, or torn at 4 KiB boundaries, as a real disk may persist any
+   * subset of what it has not flushed. Without it, nothing unflushed survives.
+   */
+  keepRandomSubset?: number;
+}
+
+export interface PowerCutResult {
+  /** Unflushed writes dropped whole, kept whole, and torn. */
+  dropped: number;
+  kept: number;
+  torn: number;
 }
 
 export interface FaultDiskStats {
@@ -86,6 +109,10 @@ export interface FaultDiskStats {
   writeErrors: number;
   /** Requests currently blocked by setHang(true). */
   blocked: number;
+  /** Writes held in the volatile cache (volatileCache only; else 0). */
+  unflushedWrites: number;
+  /** powerCut() calls so far. */
+  powerCuts: number;
 }
 
 export interface BadRanges {
@@ -124,6 +151,13 @@ export interface FaultDisk {
   stats(): Promise<FaultDiskStats>;
   /** Wait until at least `n` requests are blocked by a hang. */
   waitBlocked(n?: number, timeoutMs?: number): Promise<void>;
+  /**
+   * A simulated power cut (volatileCache only): the unflushed writes are
+   * lost (or, with keepRandomSubset, a random subset of them is persisted
+   * first). The disk stays up: what was flushed is what the next reader
+   * sees. Stop the writers first, or their late writes land after the cut.
+   */
+  powerCut(opts?: PowerCutOptions): Promise<PowerCutResult>;
   /** The disk vanishes: nbdkit is SIGKILLed (see the module comment for what the FUSE file does then). */
   kill(): Promise<void>;
   /** Clean shutdown: release hangs, unmount, stop processes. Idempotent; never leaves a mount behind. */
@@ -510,6 +544,7 @@ class FaultDiskImpl implements FaultDisk {
   private readonly nbdkitPidFile: string;
   private readonly nbdfusePidFile: string;
   private readonly sizeBytes: number;
+  private readonly volatileCache: boolean;
   private readonly control: ControlDoc;
   private nbdkit: Proc | undefined;
   private nbdfuse: Proc | undefined;
@@ -527,6 +562,7 @@ class FaultDiskImpl implements FaultDisk {
     }
     const dir = path.resolve(opts.dir);
     this.sizeBytes = opts.sizeBytes;
+    this.volatileCache = opts.volatileCache === true;
     this.mountDir = path.join(dir, `${name}.mnt`);
     this.path = path.join(this.mountDir, name);
     this.controlFile = path.join(dir, `${name}.control.json`);
@@ -595,6 +631,7 @@ class FaultDiskImpl implements FaultDisk {
         `size=${this.sizeBytes}`,
         `control=${this.controlFile}`,
         `socket=${this.ctlSocket}`,
+        ...(this.volatileCache ? ['volatile=1'] : []),
       ]);
       this.nbdkit = nbdkit;
       await this.waitReady(nbdkit, () => existsSync(this.nbdkitPidFile), deadline, 'nbdkit');
@@ -755,7 +792,25 @@ class FaultDiskImpl implements FaultDisk {
       readErrors: num('readErrors'),
       writeErrors: num('writeErrors'),
       blocked: num('blocked'),
+      unflushedWrites: num('unflushedWrites'),
+      powerCuts: num('powerCuts'),
     };
+  }
+
+  async powerCut(opts: PowerCutOptions = {}): Promise<PowerCutResult> {
+    if (!this.volatileCache) throw new Error('faultdisk: powerCut() needs volatileCache: true');
+    if (this.killed || this.stopping) throw new Error('faultdisk: powerCut() after kill()/stop()');
+    const seed = opts.keepRandomSubset;
+    if (seed !== undefined && (!Number.isSafeInteger(seed) || seed < 0)) {
+      throw new RangeError(`faultdisk: keepRandomSubset must be a non-negative integer, got ${seed}`);
+    }
+    const o = await this.rpc(seed === undefined ? 'powercut' : `powercut ${seed}`, 30_000);
+    const num = (k: string): number => {
+      const v = o[k];
+      if (typeof v !== 'number') throw new Error(`faultdisk: powercut reply lacks ${k}`);
+      return v;
+    };
+    return { dropped: num('dropped'), kept: num('kept'), torn: num('torn') };
   }
 
   async waitBlocked(n = 1, timeoutMs = 10_000): Promise<void> {

@@ -17,6 +17,21 @@
 #   "hello"  -> {"pid": nbdkit pid}
 #   "stats"  -> counters
 #   "reload" -> re-read the control file now, then {"ok": true}
+#   "powercut [SEED]" -> (volatile=1 only) a simulated power cut: drop the
+#              volatile cache; with SEED, first persist a seeded random
+#              subset of the unflushed writes (see below); then
+#              {"dropped": N, "kept": N, "torn": N}
+#
+# volatile=1 (optional parameter): a disk with a volatile write cache. A
+# write (pwrite, zero, trim) without FUA goes to an in-memory cache only:
+# reads see it, the backing file does not. FLUSH persists the whole cache
+# (then fdatasync); a FUA write persists the cache's view of its own range
+# (the write itself) at once. "powercut" drops the cache. With a seed, each
+# unflushed write (in the order they came) is first either dropped, kept
+# whole, or torn (each 4 KiB piece kept or not), because a disk may persist
+# any subset of what it has not flushed; later writes then overwrite
+# earlier ones as they would have. Zero and trim are cached as writes of
+# zeroes (fine for the small disks of the tests).
 #
 # A request overlapping a bad range fails whole with EIO (the granularity is
 # the NBD request, i.e. whatever nbdfuse sends for one FUSE request).
@@ -38,7 +53,7 @@ import nbdkit
 
 API_VERSION = 2
 
-_cfg = {"file": None, "size": None, "control": None, "socket": None}
+_cfg = {"file": None, "size": None, "control": None, "socket": None, "volatile": None}
 _fd = -1
 _lock = threading.Lock()
 _control_key = None
@@ -55,6 +70,7 @@ _stats = {
     "readBytes": 0, "writeBytes": 0,
     "readErrors": 0, "writeErrors": 0,
     "blocked": 0,
+    "unflushedWrites": 0, "powerCuts": 0,
 }
 
 
@@ -138,6 +154,139 @@ def _fail_eio():
     raise OSError(errno.EIO, "faultdisk: injected I/O error")
 
 
+# ---- volatile write cache (volatile=1) --------------------------------------
+
+_PAGE = 4096
+_vlock = threading.Lock()
+_vpages = {}   # page index -> bytearray(_PAGE): the cached view of that page
+_vlog = []     # unflushed writes in arrival order: (offset, bytes)
+
+
+def _volatile():
+    return _cfg["volatile"] == "1"
+
+
+def _backing_read(offset, n):
+    out = bytearray(n)
+    done = 0
+    while done < n:
+        chunk = os.pread(_fd, n - done, offset + done)
+        if not chunk:  # past the end of a shorter backing file: zeros
+            break
+        out[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    return out
+
+
+def _backing_write(offset, data):
+    # never past the exported size (the last page may be partial)
+    end = min(offset + len(data), _cfg["size"])
+    if end <= offset:
+        return
+    view = memoryview(data)[:end - offset]
+    done = 0
+    while done < len(view):
+        done += os.pwrite(_fd, view[done:], offset + done)
+
+
+def _vpage(i):
+    # the cached page, filled from the backing file on first touch; the
+    # backing file only changes under _vlock by persisting this cache, so
+    # the copy stays right
+    p = _vpages.get(i)
+    if p is None:
+        p = _backing_read(i * _PAGE, _PAGE)
+        _vpages[i] = p
+    return p
+
+
+def _vwrite(offset, data):
+    # with _vlock held
+    n = len(data)
+    pos = 0
+    while pos < n:
+        o = offset + pos
+        i, r = divmod(o, _PAGE)
+        m = min(_PAGE - r, n - pos)
+        _vpage(i)[r:r + m] = data[pos:pos + m]
+        pos += m
+    _vlog.append((offset, bytes(data)))
+    _stats["unflushedWrites"] = len(_vlog)
+
+
+def _vread(buf, offset):
+    # with _vlock held: backing file overlaid with cached pages
+    n = len(buf)
+    buf[0:n] = _backing_read(offset, n)
+    first = offset // _PAGE
+    last = (offset + n - 1) // _PAGE
+    if len(_vpages) < last - first + 1:
+        idx = [i for i in _vpages if first <= i <= last]
+    else:
+        idx = [i for i in range(first, last + 1) if i in _vpages]
+    for i in idx:
+        p = _vpages[i]
+        s = max(offset, i * _PAGE)
+        e = min(offset + n, (i + 1) * _PAGE)
+        buf[s - offset:e - offset] = p[s - i * _PAGE:e - i * _PAGE]
+
+
+def _vpersist_range(offset, count):
+    # with _vlock held: write the cached view of [offset, offset+count) through
+    first = offset // _PAGE
+    last = (offset + count - 1) // _PAGE
+    for i in range(first, last + 1):
+        p = _vpages.get(i)
+        if p is None:
+            continue
+        s = max(offset, i * _PAGE)
+        e = min(offset + count, (i + 1) * _PAGE)
+        _backing_write(s, p[s - i * _PAGE:e - i * _PAGE])
+    os.fdatasync(_fd)
+
+
+def _vflush():
+    with _vlock:
+        for i in sorted(_vpages):
+            _backing_write(i * _PAGE, _vpages[i])
+        os.fdatasync(_fd)
+        _vpages.clear()
+        _vlog.clear()
+        _stats["unflushedWrites"] = 0
+
+
+def _vpowercut(seed):
+    import random
+    with _vlock:
+        dropped = kept = torn = 0
+        if seed is not None:
+            rng = random.Random(seed)
+            for offset, data in _vlog:
+                mode = rng.randrange(3)
+                if mode == 0:
+                    dropped += 1
+                elif mode == 1 or len(data) <= _PAGE:
+                    _backing_write(offset, data)
+                    kept += 1
+                else:
+                    # torn: each 4 KiB piece (by its offset on the disk) or not
+                    torn += 1
+                    pos = 0
+                    while pos < len(data):
+                        m = min(_PAGE - (offset + pos) % _PAGE, len(data) - pos)
+                        if rng.randrange(2):
+                            _backing_write(offset + pos, data[pos:pos + m])
+                        pos += m
+            os.fdatasync(_fd)
+        else:
+            dropped = len(_vlog)
+        _vpages.clear()
+        _vlog.clear()
+        _stats["unflushedWrites"] = 0
+        _stats["powerCuts"] += 1
+        return {"dropped": dropped, "kept": kept, "torn": torn}
+
+
 # ---- control socket -------------------------------------------------------
 
 def _serve_control(sock):
@@ -163,6 +312,11 @@ def _serve_control(sock):
             elif cmd == "reload":
                 _load_control(force=True)
                 reply = {"ok": True}
+            elif cmd == "powercut" or cmd.startswith("powercut "):
+                if not _volatile():
+                    raise RuntimeError("powercut needs volatile=1")
+                arg = cmd[len("powercut"):].strip()
+                reply = _vpowercut(int(arg) if arg else None)
             else:
                 reply = {"error": "unknown command: " + cmd}
             conn.sendall((json.dumps(reply) + "\n").encode())
@@ -188,6 +342,8 @@ def config_complete():
         if _cfg[k] is None:
             raise RuntimeError("faultdisk: missing parameter " + k + "=")
     _cfg["size"] = int(_cfg["size"])
+    if _cfg["volatile"] not in (None, "0", "1"):
+        raise RuntimeError("faultdisk: volatile= must be 0 or 1")
 
 
 def thread_model():
@@ -270,6 +426,11 @@ def pread(h, buf, offset, flags):
     if _overlaps("read", offset, n):
         _count("readErrors")
         _fail_eio()
+    if _volatile():
+        with _vlock:
+            _vread(buf, offset)
+        _count("readBytes", n)
+        return
     done = 0
     while done < n:
         chunk = os.pread(_fd, n - done, offset + done)
@@ -296,9 +457,20 @@ def _fua(flags):
         os.fdatasync(_fd)
 
 
+def _vwrite_fua(offset, data, flags):
+    with _vlock:
+        _vwrite(offset, data)
+        if flags & nbdkit.FLAG_FUA:
+            _vpersist_range(offset, len(data))
+
+
 def pwrite(h, buf, offset, flags):
     n = len(buf)
     _write_checks("writes", offset, n)
+    if _volatile():
+        _vwrite_fua(offset, buf, flags)
+        _count("writeBytes", n)
+        return
     view = memoryview(buf)
     done = 0
     while done < n:
@@ -330,6 +502,9 @@ def _punch(count, offset):
 
 def zero(h, count, offset, flags):
     _write_checks("zeros", offset, count)
+    if _volatile():
+        _vwrite_fua(offset, bytes(count), flags)
+        return
     if flags & nbdkit.FLAG_MAY_TRIM:
         _punch(count, offset)
     else:
@@ -339,6 +514,9 @@ def zero(h, count, offset, flags):
 
 def trim(h, count, offset, flags):
     _write_checks("trims", offset, count)
+    if _volatile():
+        _vwrite_fua(offset, bytes(count), flags)
+        return
     _punch(count, offset)
     _fua(flags)
 
@@ -346,4 +524,7 @@ def trim(h, count, offset, flags):
 def flush(h, flags):
     _wait_while_hung(True)
     _count("flushes")
+    if _volatile():
+        _vflush()
+        return
     os.fdatasync(_fd)
