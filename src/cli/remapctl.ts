@@ -17,6 +17,7 @@ import { registerDmr4Commands } from './cmd-dmr4.js';
 import { registerScanCommands } from './cmd-scan.js';
 import { registerDdrescueCommands } from './cmd-ddrescue.js';
 import { registerUnremapCommands } from './cmd-unremap.js';
+import { registerSpareCommands, spareLines } from './cmd-spare.js';
 
 function hostPortArg(v: string): string {
   if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
@@ -48,6 +49,7 @@ function statusDetail(d: DeviceStatus): string {
     ['name', d.name], ['state', d.state],
     ['health', `${d.health ?? '-'}${d.healthReasons.length > 0 ? ` (${d.healthReasons.join('; ')})` : ''}`], ['main', d.main],
     ['spare', d.spare ?? (d.spareTailBytes !== null ? `tail of main, ${d.spareTailBytes} bytes` : '-')],
+    ...spareLines(d.spares ?? null),
     ['open mode', d.openMode ?? '-'], ['size', d.sizeBytes === null ? '-' : `${d.sizeBytes} bytes (${formatSize(d.sizeBytes)})`],
     ['block size', n(d.blockSize)], ['remapped blocks', n(d.remappedBlocks)], ['pending blocks', n(d.pendingBlocks)],
     ['bad spare blocks', n(d.badSpareBlocks)], ['quarantined spare blocks', n(d.quarantinedSpareBlocks)],
@@ -111,8 +113,9 @@ function buildProgram(out: { current: Output | null }): Command {
     .option('--ublk', 'serve the device as /dev/ublkbN (prints the device)')
     .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
     .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
+    .option('--extra-spare <path>', 'an extra spare of the pool (repeat, in the order they were added; see spare add)', (v: string, prev: string[]) => [...prev, v], [] as string[])
     .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
-      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean }, cmd: Command) => {
+      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean; extraSpare: string[] }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
@@ -120,6 +123,7 @@ function buildProgram(out: { current: Output | null }): Command {
       const args: Record<string, unknown> = { name, main: resolve(opts.main) };
       if (opts.spare !== undefined) args.spare = resolve(opts.spare);
       if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
+      if (opts.extraSpare.length > 0) args.spares = opts.extraSpare.map((p) => resolve(p));
       if (opts.format === true) args.format = true;
       if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
       if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
@@ -208,6 +212,7 @@ function buildProgram(out: { current: Output | null }): Command {
   registerScanCommands(program, ctx);
   registerDdrescueCommands(program, ctx);
   registerUnremapCommands(program, ctx);
+  registerSpareCommands(program, ctx);
   return program;
 }
 

@@ -8,6 +8,7 @@ import { isAbsolute } from 'node:path';
 import type { Logger } from 'pino';
 import type { BlockEngine, CloseReport, EngineStatus, ManualRemapResult } from '../engine/engine.js';
 import type { OpenEngineOptions } from '../engine/open.js';
+import type { SpareInfo } from '../engine/spare-pool.js';
 import { ERRNO, RemapError } from '../errors.js';
 import { ControlError, DEVICE_NAME, errorBody, type ControlErrorBody } from './protocol.js';
 import { StateFile, type DeviceSpec } from './state.js';
@@ -110,6 +111,8 @@ export interface DeviceStatus {
   failReason: string | null;
   error: ControlErrorBody | null;
   stats: EngineStatus['stats'] | null;
+  /** Spare pool: every spare (0 = the primary, holding the metadata) with its path, blocks and use; null without an engine. */
+  spares: SpareInfo[] | null;
   /** ok / degraded / failing / spare-exhausted (src/daemon/health.ts); null while starting. */
   health: DeviceHealth | null;
   healthReasons: string[];
@@ -211,7 +214,7 @@ export class DeviceManager {
     if (!DEVICE_NAME.test(spec.name)) {
       throw new ControlError('BAD_REQUEST', `device name "${spec.name}" is invalid: use 1-64 letters, digits, '.', '_' or '-'`);
     }
-    for (const [key, p] of [['main', spec.main], ['spare', spec.spare]] as const) {
+    for (const [key, p] of [['main', spec.main], ['spare', spec.spare], ...(spec.spares ?? []).map((x) => ['spares', x] as const)] as const) {
       if (p !== undefined && !isAbsolute(p)) throw new ControlError('BAD_REQUEST', `add: argument "${key}" must be an absolute path, got "${p}"`);
     }
     const existing = this.devices.get(spec.name);
@@ -235,6 +238,7 @@ export class DeviceManager {
         mainPath: spec.main,
         sparePath: spec.spare,
         spareTailBytes: spec.spareTailBytes,
+        extraSpares: spec.spares,
         format: opts.format === true,
         blockSize: spec.blockSize,
         metadataTimeoutMs: this.timeoutOf(spec),
@@ -292,7 +296,7 @@ export class DeviceManager {
 
   private async resolvePaths(spec: DeviceSpec): Promise<string[]> {
     const out: string[] = [];
-    for (const [role, p] of [['main', spec.main], ['spare', spec.spare]] as const) {
+    for (const [role, p] of [['main', spec.main], ['spare', spec.spare], ...(spec.spares ?? []).map((x, i) => [`spare ${i + 1}`, x] as const)] as const) {
       if (p === undefined) continue;
       try {
         out.push(await realpath(p));
@@ -363,6 +367,7 @@ export class DeviceManager {
       failReason: s?.failReason ?? e.error?.message ?? null,
       error: e.error ?? null,
       stats: s?.stats ?? null,
+      spares: e.engine?.spareInfo() ?? null,
       ...this.healthOf(e),
     };
   }
@@ -524,5 +529,59 @@ export class DeviceManager {
       }
     }));
     return reports.filter((r): r is RemoveReport => r !== null);
+  }
+
+  // ------------------------------------------------------- spare pool (issue 6)
+
+  /** Devices with a spare add under way. */
+  private readonly addingSpare = new Set<string>();
+
+  /**
+   * Adds an extra spare to a running device (handlers-spare.ts). The path is
+   * checked against every part of every device (BUSY), written to
+   * devices.json before the engine commits the spare (so a restart always
+   * finds a committed spare's path), and taken out again when the add fails
+   * before its commit was attempted.
+   */
+  async addSpare(name: string, path: string, format: boolean): Promise<SpareInfo> {
+    const e = this.get(name);
+    const engine = this.runningEngine(name, 'add a spare');
+    if (!isAbsolute(path)) throw new ControlError('BAD_REQUEST', `spareAdd: argument "path" must be an absolute path, got "${path}"`);
+    if (this.addingSpare.has(name)) throw new ControlError('BUSY', `device "${name}" already has a spare add under way`);
+    this.addingSpare.add(name);
+    try {
+      let resolved: string;
+      try {
+        resolved = await realpath(path);
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        const errno = code !== undefined && code in ERRNO ? ERRNO[code as keyof typeof ERRNO] : ERRNO.EIO;
+        throw new RemapError(errno, errno === ERRNO.ENOENT ? `spare ${path} does not exist` : `spare ${path} cannot be resolved`, { device: name, op: 'spare-add' });
+      }
+      for (const [other, o] of this.devices) {
+        if (o.paths.includes(resolved)) {
+          throw new ControlError('BUSY', other === name ? `${path} is already part of device "${name}"` : `${path} is already used by device "${other}"`);
+        }
+      }
+      const recorded = engine.spareInfo().length - 1;
+      const before = e.spec;
+      e.spec = { ...before, spares: [...(before.spares ?? []).slice(0, recorded), path] };
+      e.paths.push(resolved);
+      await this.persist();
+      try {
+        return await engine.addSpare(path, { format });
+      } catch (err) {
+        // A failed commit may still land: keep the path then (a restart ignores an unrecorded one).
+        const committing = err instanceof RemapError && err.context.op === 'metadata-commit';
+        if (!committing) {
+          e.spec = before;
+          e.paths = e.paths.filter((p) => p !== resolved);
+          await this.persist().catch(() => undefined);
+        }
+        throw err;
+      }
+    } finally {
+      this.addingSpare.delete(name);
+    }
   }
 }

@@ -23,6 +23,7 @@ import { dmr4Handlers } from './handlers-dmr4.js';
 import { ddrescueHandlers } from './handlers-ddrescue.js';
 import { unremapHandlers } from './handlers-unremap.js';
 import { scanHandlers } from './handlers-scan.js';
+import { spareHandlers } from './handlers-spare.js';
 
 function version(): string {
   try {
@@ -85,6 +86,13 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
   const spec: DeviceSpec = { name, main };
   if (spare !== undefined) spec.spare = spare;
   if (spareTailBytes !== undefined) spec.spareTailBytes = spareTailBytes;
+  const spares = args.spares; // spare pool: the extra spares, in the order they were added
+  if (spares !== undefined) {
+    if (!Array.isArray(spares) || !spares.every((p): p is string => typeof p === 'string' && p.startsWith('/'))) {
+      throw new ControlError('BAD_REQUEST', `add: argument "spares" must be an array of absolute paths for device "${name}", got ${JSON.stringify(spares)}`);
+    }
+    if (spares.length > 0) spec.spares = spares;
+  }
   if (blockSize !== undefined) spec.blockSize = blockSize;
   const timeout = argInt('add', args, 'metadataTimeoutMs', 1, 3_600_000);
   spec.metadataTimeoutMs = timeout ?? cfg.metadataTimeoutMs;
@@ -116,6 +124,7 @@ function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Rec
     ...ddrescueHandlers(mgr),
     ...unremapHandlers(mgr),
     ...scanHandlers(mgr, cfg),
+    ...spareHandlers(mgr),
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);

@@ -15,6 +15,8 @@ export interface DeviceSpec {
   spare?: string;
   /** ...or the size of a reserved tail region of main, in bytes. */
   spareTailBytes?: number;
+  /** Spare pool: absolute paths of the extra spares, in the order they were added (spare 1, 2, ...). */
+  spares?: string[];
   blockSize?: number;
   metadataTimeoutMs?: number;
   /** Kept, so that a main replaced on purpose is still accepted at the next start. */
@@ -40,7 +42,8 @@ function isSpec(v: unknown): v is DeviceSpec {
   if (typeof v !== 'object' || v === null) return false;
   const s = v as Record<string, unknown>;
   return typeof s.name === 'string' && typeof s.main === 'string'
-    && (typeof s.spare === 'string' || typeof s.spareTailBytes === 'number');
+    && (typeof s.spare === 'string' || typeof s.spareTailBytes === 'number')
+    && (s.spares === undefined || (Array.isArray(s.spares) && s.spares.every((p) => typeof p === 'string')));
 }
 
 export class StateFile {
