@@ -29,6 +29,8 @@ export interface InspectReport {
   checkpoint: { seq: number; slot: number; records: number } | null;
   journal: { head: number; replayedCommits: number; tornCommits: number[] } | null;
   counts: { remapped: number; pending: number; badSpare: number; quarantined: number } | null;
+  /** Spare pool: the extra spares the metadata records (their paths are in devices.json, not here). */
+  extraSpares: Array<{ ordinal: number; blocks: number; labelCrc: number }>;
   copies: CopyReport[];
   /** Human lines naming each copy/structure that is not valid. */
   problems: string[];
@@ -73,7 +75,7 @@ export async function inspectPath(path: string, spareTailBytes?: number): Promis
     const r = await inspectSpare(io, { areaOffset, areaBytes });
     const base: InspectReport = {
       path, areaOffset, areaBytes, ok: r.ok, error: null, identity: null, layout: null, seq: null, checkpoint: null, journal: null,
-      counts: null, copies: [], problems: [], warnings: [],
+      counts: null, extraSpares: [], copies: [], problems: [], warnings: [],
     };
     if (!r.ok) {
       return { ...base, error: { message: r.error.message, errno: r.error.errno, errnoName: r.error.code }, copies: r.copies, problems: problemsOf(r.copies), warnings: r.warnings };
@@ -96,6 +98,7 @@ export async function inspectPath(path: string, spareTailBytes?: number): Promis
       checkpoint: m.checkpoint,
       journal: { head: m.journal.head, replayedCommits: m.journal.replayedCommits, tornCommits: m.journal.tornCommits },
       counts: { remapped: st.remaps.size, pending: st.pending.size, badSpare: st.badSpare.size, quarantined: st.quarantined.size },
+      extraSpares: [...st.spares.entries()].sort((a, b) => a[0] - b[0]).map(([ordinal, x]) => ({ ordinal, blocks: x.blocks, labelCrc: x.labelCrc })),
       copies: m.copies,
       problems: problemsOf(m.copies),
       warnings: m.warnings,
@@ -129,6 +132,7 @@ export function formatInspect(r: InspectReport): string {
     lines.push(`bad spare:    ${c.badSpare}`);
     lines.push(`quarantined:  ${c.quarantined}`);
   }
+  for (const x of r.extraSpares ?? []) lines.push(`spare ${x.ordinal}:      extra spare of ${x.blocks} blocks (label CRC32C 0x${x.labelCrc.toString(16).padStart(8, '0')})`);
   for (const c of r.copies) lines.push(`copy ${c.copy}:       ${c.valid ? 'valid' : 'BAD'}${c.offset !== undefined ? ` (offset ${c.offset})` : ''}`);
   for (const p of r.problems) lines.push(`problem:      ${p}`);
   for (const w of r.warnings) lines.push(`warning:      ${w}`);

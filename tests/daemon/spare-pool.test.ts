@@ -58,7 +58,7 @@ for i in range(${from}, ${to}):
 h.flush()`);
 }
 
-async function json<T>(sock: string, ...args: string[]): Promise<{ code: number | null; body: T; stderr: string }> {
+async function json<T>(sock: string | null, ...args: string[]): Promise<{ code: number | null; body: T; stderr: string }> {
   const r = await ctl(sock, '--json', ...args);
   let body: T;
   try {
@@ -184,6 +184,13 @@ print("last", r, flush=True)`], { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'
     expect(lastRound).toBeGreaterThanOrEqual(0);
     const before = await json<SpareListAnswer>(d.sock, 'spare', 'list', 'pd');
     expect(await d.stop()).toBe(0);
+    // offline, the metadata describes the extra spare
+    const ins = await json<{ extraSpares: Array<{ ordinal: number; blocks: number }>; counts: { remapped: number } }>(null, 'inspect', spare);
+    expect(ins.code, ins.stderr).toBe(0);
+    expect(ins.body.extraSpares).toMatchObject([{ ordinal: 1, blocks: 512 }]);
+    expect(ins.body.counts.remapped).toBe(N + M);
+    const insHuman = await ctl(null, 'inspect', spare);
+    expect(insHuman.stdout).toMatch(/spare 1: +extra spare of 512 blocks \(label CRC32C 0x[0-9a-f]{8}\)/);
     d = await startDaemon(dir);
     const after = await json<SpareListAnswer>(d.sock, 'spare', 'list', 'pd');
     expect(after.code, after.stderr).toBe(0);
