@@ -1525,7 +1525,7 @@ export class BlockEngine {
       dev = BackingDevice.open(path, { direct: this.spareOpen.direct, exclusive: true, queueDepth: this.spareOpen.queueDepth });
     } catch (err) {
       const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
-      throw new RemapError(errno, `spare ${path} cannot be opened (${errnoName(errno)})`, { device: this.name, op }, { cause: err });
+      throw new RemapError(errno, `spare ${path} cannot be opened`, { device: this.name, op }, { cause: err });
     }
     try {
       const others: Array<[string, BackingDevice]> = [['main', this.main], ['spare 0', this.spare],

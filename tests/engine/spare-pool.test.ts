@@ -13,7 +13,7 @@ import {
   LABEL_BYTES, SparePool, decodeLabel, encodeLabel, locateSpare, splitSpareRun, type SpareLabel,
 } from '../../src/engine/spare-pool.js';
 import type { BlockEngine } from '../../src/engine/engine.js';
-import { BS, open, offlineState, pattern, readBack, sparseFile, tempDir } from './fixtures.js';
+import { BS, captureLogger, open, offlineState, pattern, readBack, sparseFile, tempDir } from './fixtures.js';
 
 const sizesArb = fc.array(fc.integer({ min: 1, max: 50 }), { minLength: 1, maxLength: 8 });
 
@@ -323,6 +323,66 @@ describe('engine with a spare pool (real files)', () => {
     // the right one opens
     engine = await open({ mainPath, sparePath, extraSpares: [extraPath] });
     expect(engine.status().remappedBlocks).toBe(4);
+  });
+
+  it('an add whose commit never landed: its label is ignored at open (warning) and reused by the next add', async () => {
+    engine = await open({ mainPath, sparePath, format: true });
+    await engine.close();
+    engine = null;
+    const uuid = (await offlineState(sparePath)).metadata.identity.deviceUuid;
+    const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 16 * BS);
+    // the label as spare add writes it, without the SPARE_ADD commit (a crash in between)
+    writeFileSync(extraPath, encodeLabel({ deviceUuid: uuid, ordinal: 1, blockSize: BS, dataOffset: LABEL_BYTES, dataBlocks: 16, createdAtMs: 5 }), { flag: 'r+' });
+    const { logger, lines } = captureLogger();
+    engine = await open({ mainPath, sparePath, extraSpares: [extraPath], logger });
+    expect(engine.spareInfo()).toHaveLength(1);
+    expect(lines.some((l) => l.event === 'spare-unrecorded' && l.spare === extraPath && l.device === 'test')).toBe(true);
+    const info = await engine.addSpare(extraPath); // no --format needed: the label is this device's, with the next ordinal
+    expect(info).toMatchObject({ ordinal: 1, blocks: 16 });
+    expect(lines.some((l) => l.event === 'spare-label-reused')).toBe(true);
+    await engine.close();
+    engine = await open({ mainPath, sparePath, extraSpares: [extraPath] });
+    expect(engine.spareInfo()).toHaveLength(2);
+  });
+
+  it('two extra spares given in the wrong order are refused; in order they open', async () => {
+    engine = await open({ mainPath, sparePath, format: true });
+    const x1 = sparseFile(join(t.dir, 'x1'), LABEL_BYTES + 16 * BS);
+    const x2 = sparseFile(join(t.dir, 'x2'), LABEL_BYTES + 16 * BS);
+    await engine.addSpare(x1, { format: true });
+    await engine.addSpare(x2, { format: true });
+    // a spare of this device cannot be added twice, nor relabelled as another ordinal
+    await expect(engine.addSpare(x1, { format: true })).rejects.toMatchObject({ errno: ERRNO.EBUSY });
+    await engine.close();
+    engine = null;
+    const swapped = await open({ mainPath, sparePath, extraSpares: [x2, x1] }).catch((e: unknown) => e);
+    expect(swapped).toMatchObject({ errno: ERRNO.EMEDIUMTYPE });
+    expect(String((swapped as Error).message)).toMatch(/spare 1 .*x2: it is spare 2 of this device, not spare 1: give the paths in the order the spares were added/);
+    const twice = await open({ mainPath, sparePath, extraSpares: [x1, x1] }).catch((e: unknown) => e);
+    expect(twice).toBeInstanceOf(RemapError); // the same file twice: held already (exclusive open) or shares storage
+    engine = await open({ mainPath, sparePath, extraSpares: [x1, x2] });
+    expect(engine.spareInfo().map((s) => [s.ordinal, s.firstIndex])).toEqual([[0, 0], [1, engine.spareInfo()[0].blocks], [2, engine.spareInfo()[0].blocks + 16]]);
+  });
+
+  it('a primary spare in the tail of main, with 512-byte blocks, plus an extra spare', async () => {
+    engine = await open({ mainPath, spareTailBytes: 1024 * 1024, blockSize: 512, format: true });
+    const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 4096 * 512);
+    const info = await engine.addSpare(extraPath, { format: true });
+    expect(info.blocks).toBe(4096);
+    const primary = engine.spareInfo()[0].blocks;
+    expect(primary).toBeLessThan(4096 - 8);
+    const data = allocAligned(8 * 512);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+    await engine.submit({ op: 'write', offset: 0, length: data.length, buffer: data });
+    const r = await engine.remapBlocks([0, 1, 2, 3, 4, 5, 6, 7]);
+    expect(r.filter((x) => x.result === 'remapped' && x.spare >= primary)).toHaveLength(8); // the empty spare has the most free blocks
+    await engine.submit({ op: 'flush', offset: 0, length: 0 });
+    await engine.close();
+    engine = await open({ mainPath, spareTailBytes: 1024 * 1024, extraSpares: [extraPath] });
+    expect(engine.spareInfo()[1].used).toBe(8);
+    const back = allocAligned(data.length);
+    await engine.submit({ op: 'read', offset: 0, length: data.length, buffer: back });
+    expect(back.equals(data)).toBe(true);
   });
 
   it('spare add refuses the label of another device, metadata, and parts of this device', async () => {
