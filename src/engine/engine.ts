@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { ERRNO, RemapError, errnoName } from '../errors.js';
 import { BackingDevice, BackingOp, IO_FUA, allocAligned } from '../native/backing.js';
+import { withReliableFua } from './fua-emulation.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
 import { SparePool, LABEL_BYTES, encodeLabel, readLabel, storageClash, type PoolSpareInput, type SpareInfo } from './spare-pool.js';
@@ -1522,7 +1523,7 @@ export class BlockEngine {
     const bs = this.blockSize;
     let dev: BackingDevice;
     try {
-      dev = BackingDevice.open(path, { direct: this.spareOpen.direct, exclusive: true, queueDepth: this.spareOpen.queueDepth });
+      dev = withReliableFua(BackingDevice.open(path, { direct: this.spareOpen.direct, exclusive: true, queueDepth: this.spareOpen.queueDepth }));
     } catch (err) {
       const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
       throw new RemapError(errno, `spare ${path} cannot be opened`, { device: this.name, op }, { cause: err });

@@ -10,6 +10,7 @@ import { BlockEngine, type EngineParts } from './engine.js';
 import { BackingMetaIO } from './meta-io.js';
 import { describeIdentity, identityOf, sameMain } from './identity.js';
 import { backingRange, readLabel, storageClash, type PoolSpareInput } from './spare-pool.js';
+import { withReliableFua } from './fua-emulation.js';
 
 export interface OpenEngineOptions {
   /** Device name, used in logs and errors. */
@@ -106,7 +107,7 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
   if (o.blockSize !== undefined && o.blockSize !== 4096 && o.blockSize !== 512) {
     throw new RemapError(ERRNO.EINVAL, `block size ${o.blockSize} must be 4096 or 512`, { device: o.name, op: 'open' });
   }
-  const main = BackingDevice.open(o.mainPath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth });
+  const main = withReliableFua(BackingDevice.open(o.mainPath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth }));
   let spare: BackingDevice = main;
   const extras: BackingDevice[] = [];
   const cleanup = async (): Promise<void> => {
@@ -119,7 +120,7 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
     let areaBytes: number;
     let exportedBytes: number;
     if (o.sparePath !== undefined) {
-      spare = BackingDevice.open(o.sparePath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth });
+      spare = withReliableFua(BackingDevice.open(o.sparePath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth }));
       const a = main.info;
       const b = spare.info;
       const same = a.isBlockDevice ? b.isBlockDevice && a.rdev === b.rdev : !b.isBlockDevice && a.dev === b.dev && a.ino === b.ino;
@@ -258,7 +259,7 @@ async function openExtraSpares(o: OpenEngineOptions, uuid: string, blockSize: nu
     const rec = recorded.get(ordinal) as { blocks: number; labelCrc: number };
     let dev: BackingDevice;
     try {
-      dev = BackingDevice.open(path, { direct: o.direct ?? true, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth });
+      dev = withReliableFua(BackingDevice.open(path, { direct: o.direct ?? true, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth }));
     } catch (err) {
       const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
       throw refuse(errno, ordinal, path, errno === ERRNO.ENOENT ? 'it does not exist' : 'it cannot be opened');

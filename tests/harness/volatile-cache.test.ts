@@ -15,6 +15,8 @@ import {
   SYSTEM_PYTHON,
   type FaultDisk,
 } from '../helpers/faultdisk.js';
+import { allocAligned, BackingDevice, BackingOp, IO_FUA } from '../../src/native/backing.js';
+import { dsyncUnreliable, withReliableFua } from '../../src/engine/fua-emulation.js';
 
 requireTools('nbdkit', 'nbdfuse', 'fusermount3', 'nbdkit-python', '/dev/fuse', SYSTEM_PYTHON);
 
@@ -165,6 +167,44 @@ describe('volatile cache of the fault disk, through nbdfuse', () => {
     expect(a.cut.dropped).toBeGreaterThan(0);
     expect(a.cut.kept).toBeGreaterThan(0);
     expect(c.picks).not.toEqual(a.picks);
+  });
+
+  it('an io_uring RWF_DSYNC write reaches the plugin without a flush; withReliableFua adds the fdatasync', async () => {
+    // The kernel completes an asynchronous O_DIRECT FUSE write without the
+    // fsync O_DSYNC asks for (a synchronous pwritev2 gets it, above). If the
+    // first half starts failing, the kernel honours it now.
+    const dev = BackingDevice.open(disk.path, { direct: true });
+    try {
+      const buf = allocAligned(BS);
+      buf.fill(0x71);
+      const s0 = await disk.stats();
+      expect(await dev.io(BackingOp.WRITE, buf, 70 * BS, BS, IO_FUA)).toBe(BS);
+      const s1 = await disk.stats();
+      expect(s1.flushes - s0.flushes, 'io_uring RWF_DSYNC write: flushes').toBe(0);
+      expect(s1.unflushedWrites).toBeGreaterThanOrEqual(1);
+      expect(dsyncUnreliable(dev)).toBe(true);
+      withReliableFua(dev);
+      buf.fill(0x72);
+      expect(await dev.io(BackingOp.WRITE, buf, 71 * BS, BS, IO_FUA)).toBe(BS);
+      const s2 = await disk.stats();
+      expect(s2.flushes - s1.flushes).toBe(1);
+      expect(s2.unflushedWrites).toBe(0);
+      // a plain write stays a plain write
+      expect(await dev.io(BackingOp.WRITE, buf, 72 * BS, BS, 0)).toBe(BS);
+      expect((await disk.stats()).flushes).toBe(s2.flushes);
+      await disk.powerCut();
+      expect((await readExposed(disk.path, 71 * BS, BS)).equals(filled(BS, 0x72))).toBe(true);
+    } finally {
+      await dev.close(1000);
+    }
+    // a file on a local filesystem keeps RWF_DSYNC
+    const local = BackingDevice.open(disk.backingFile, { direct: true });
+    try {
+      expect(dsyncUnreliable(local)).toBe(false);
+      expect(withReliableFua(local).submit).toBe(BackingDevice.prototype.submit);
+    } finally {
+      await local.close(1000);
+    }
   });
 
   it('powerCut() needs a volatile disk', async () => {
