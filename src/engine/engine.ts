@@ -465,13 +465,19 @@ export class BlockEngine {
    * A backing error that must not remap: fail the request and, for a vanished
    * device or a full host filesystem, the device.
    */
-  private nonMediaError(res: number, op: string, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): RemapError {
+  private nonMediaError(res: number, op: string, ctx: { block?: number; target: 'main' | 'spare'; offset: number; spare?: number }): RemapError {
     const cls = classifyErrno(res);
     this.stats.otherErrors++;
-    const dev = ctx.target === 'main' ? this.main.info.path : this.spare.info.path;
+    const dev = ctx.target === 'main' ? this.main.info.path : this.sparePathFor(ctx);
     if (cls === 'gone') this.fail(`${ctx.target} ${dev} is unreachable (${errnoName(res)}) during ${op}`);
     else if (cls === 'nospace') this.fail(`host filesystem under ${ctx.target} ${dev} is full (${errnoName(res)})`);
     return new RemapError(-res, `${op} on ${ctx.target} ${dev} failed`, { device: this.name, op, block: ctx.block, offset: ctx.offset });
+  }
+
+  /** The path of the spare an error was on (spare pool: the spare holding `spare`, else the block's spare index). */
+  private sparePathFor(ctx: { block?: number; spare?: number }): string {
+    const s = ctx.spare ?? (ctx.block !== undefined ? this.table.get(ctx.block) : -1);
+    return s >= 0 && s < this.allocator.total ? this.allocator.pathOf(s) : this.spare.info.path;
   }
 
   // ------------------------------------------------------------------ read
@@ -507,7 +513,7 @@ export class BlockEngine {
     if (target === 'spare') this.stats.spareErrors++;
     if (classifyErrno(res) !== 'media') {
       this.stats.readErrors++;
-      throw this.nonMediaError(res, 'read', { target, offset: first * bs });
+      throw this.nonMediaError(res, 'read', { target, offset: first * bs, ...(target === 'spare' ? { spare: this.table.get(first) } : {}) });
     }
     const lost: number[] = [];
     const failedSpare = new Map<number, number>();
@@ -797,7 +803,7 @@ export class BlockEngine {
             return;
           }
           if (r < 0 && classifyErrno(r) !== 'media') {
-            throw this.nonMediaError(r, why, { target: 'spare', block: a.item.logical, offset: this.spareOffset(a.spare) });
+            throw this.nonMediaError(r, why, { target: 'spare', block: a.item.logical, offset: this.spareOffset(a.spare), spare: a.spare });
           }
           records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: a.spare, dataCrc: 0 });
           newlyBad.push(a.spare);
