@@ -97,7 +97,8 @@ h.flush()
     d.proc.kill('SIGKILL');
     await d.exited;
     const interrupted = await running;
-    expect(interrupted.code).not.toBe(0);
+    expect(interrupted.code).toBe(1);
+    expect(interrupted.stderr).toContain('dm-remapd closed the control connection without answering unremap');
     await disk.setDelay({});
 
     d = await startDaemon(dir);
