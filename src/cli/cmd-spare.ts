@@ -46,6 +46,7 @@ export function registerSpareCommands(program: Command, ctx: CommandContext): vo
     .action(async (name: string, _opts: unknown, cmd: Command) => {
       const { g, o } = ctx(cmd);
       const r = (await request(g.socket, 'spareList', { name }, 30_000)) as SpareListAnswer;
-      o.print(`${name}: ${r.spareBlocksUsed} of ${r.spareBlocksTotal} spare blocks used\n${spareTable(r.spares)}`, r);
+      o.print(`${name}: ${r.spareBlocksUsed} of ${r.spareBlocksTotal} spare blocks used; the metadata has room for `
+        + `${r.roomBlocks === null ? 'any number of' : r.roomBlocks} more spare blocks\n${spareTable(r.spares)}`, r);
     });
 }

@@ -114,8 +114,9 @@ function buildProgram(out: { current: Output | null }): Command {
     .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
     .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
     .option('--extra-spare <path>', 'an extra spare of the pool (repeat, in the order they were added; see spare add)', (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .option('--pool-reserve <size>', 'with --format: metadata room for extra spares of this size in all (spare add; K/M/G suffixes)', sizeArg)
     .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
-      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean; extraSpare: string[] }, cmd: Command) => {
+      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean; extraSpare: string[]; poolReserve?: number }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
@@ -124,6 +125,7 @@ function buildProgram(out: { current: Output | null }): Command {
       if (opts.spare !== undefined) args.spare = resolve(opts.spare);
       if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
       if (opts.extraSpare.length > 0) args.spares = opts.extraSpare.map((p) => resolve(p));
+      if (opts.poolReserve !== undefined) args.poolReserveBytes = opts.poolReserve;
       if (opts.format === true) args.format = true;
       if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
       if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);

@@ -239,6 +239,7 @@ export class DeviceManager {
         sparePath: spec.spare,
         spareTailBytes: spec.spareTailBytes,
         extraSpares: spec.spares,
+        poolReserveBytes: spec.poolReserveBytes,
         format: opts.format === true,
         blockSize: spec.blockSize,
         metadataTimeoutMs: this.timeoutOf(spec),

@@ -24,6 +24,8 @@ export interface SpareListAnswer {
   spares: SpareInfo[];
   spareBlocksTotal: number;
   spareBlocksUsed: number;
+  /** More extra spare blocks the metadata can describe (pool reserve at format); null: unlimited. */
+  roomBlocks: number | null;
 }
 
 export interface SpareAddAnswer extends SpareListAnswer {
@@ -34,7 +36,7 @@ export interface SpareAddAnswer extends SpareListAnswer {
 function listOf(mgr: DeviceManager, name: string, what: string): SpareListAnswer {
   const engine = mgr.runningEngine(name, what);
   const s = engine.status();
-  return { name, spares: engine.spareInfo(), spareBlocksTotal: s.spareBlocksTotal, spareBlocksUsed: s.spareBlocksUsed };
+  return { name, spares: engine.spareInfo(), spareBlocksTotal: s.spareBlocksTotal, spareBlocksUsed: s.spareBlocksUsed, roomBlocks: engine.spareRoom() };
 }
 
 export function spareHandlers(mgr: DeviceManager): Record<string, CommandHandler> {

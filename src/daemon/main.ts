@@ -93,6 +93,8 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
     }
     if (spares.length > 0) spec.spares = spares;
   }
+  const poolReserveBytes = argInt('add', args, 'poolReserveBytes', 0, Number.MAX_SAFE_INTEGER);
+  if (poolReserveBytes !== undefined && poolReserveBytes > 0) spec.poolReserveBytes = poolReserveBytes;
   if (blockSize !== undefined) spec.blockSize = blockSize;
   const timeout = argInt('add', args, 'metadataTimeoutMs', 1, 3_600_000);
   spec.metadataTimeoutMs = timeout ?? cfg.metadataTimeoutMs;

@@ -17,6 +17,8 @@ export interface DeviceSpec {
   spareTailBytes?: number;
   /** Spare pool: absolute paths of the extra spares, in the order they were added (spare 1, 2, ...). */
   spares?: string[];
+  /** Spare pool, at format only: metadata room for this many bytes of extra spares. */
+  poolReserveBytes?: number;
   blockSize?: number;
   metadataTimeoutMs?: number;
   /** Kept, so that a main replaced on purpose is still accepted at the next start. */

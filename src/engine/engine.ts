@@ -4,7 +4,7 @@ import { BackingDevice, BackingOp, IO_FUA, allocAligned } from '../native/backin
 import { withReliableFua } from './fua-emulation.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
-import { SparePool, LABEL_BYTES, encodeLabel, readLabel, storageClash, type PoolSpareInput, type SpareInfo } from './spare-pool.js';
+import { SparePool, LABEL_BYTES, encodeLabel, poolRoom, readLabel, storageClash, type PoolSpareInput, type SpareInfo } from './spare-pool.js';
 import { MAX_SPARE_BLOCKS } from '../remap/spare-allocator.js';
 import { planRange, type Extent } from '../remap/planner.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
@@ -119,6 +119,8 @@ export interface EngineParts {
   deviceUuid?: string;
   /** How spare add opens a new spare (like the others). */
   spareOpen?: { direct: boolean; queueDepth?: number };
+  /** Records one checkpoint holds: bounds the spare pool (poolRoom). Unlimited when absent. */
+  checkpointCapacity?: number;
   table: RemapTable;
   pending: BlockSet;
   badSpare: BlockSet;
@@ -220,6 +222,7 @@ export class BlockEngine {
       ...(p.extraSpares ?? []),
     ], p.table, p.badSpare, p.quarantined);
     this.deviceUuid = p.deviceUuid ?? null;
+    this.checkpointCapacity = p.checkpointCapacity ?? null;
     this.spareOpen = p.spareOpen ?? { direct: p.spare.info.openMode === 'direct' };
     this.writer = p.writer;
     this.log = p.logger.child({ device: p.name });
@@ -1495,8 +1498,20 @@ export class BlockEngine {
   private readonly deviceUuid: string | null;
   /** How spare add opens a new spare (O_DIRECT like the others). */
   private readonly spareOpen: { direct: boolean; queueDepth?: number };
+  /** Records one checkpoint holds (null: unlimited). */
+  private readonly checkpointCapacity: number | null;
   /** One addSpare() at a time. */
   private spareAddChain: Promise<unknown> = Promise.resolve();
+
+  /**
+   * How many more spare blocks the metadata can describe (in a next extra
+   * spare); null when unlimited. See poolRoom().
+   */
+  spareRoom(): number | null {
+    if (this.checkpointCapacity === null) return null;
+    const primary = this.allocator.info()[0].blocks;
+    return Math.max(0, poolRoom(this.checkpointCapacity, primary, this.allocator.count) - (this.allocator.total - primary));
+  }
 
   /** Every spare of the pool: spare 0 is the primary (it holds the metadata). */
   spareInfo(): SpareInfo[] {
@@ -1567,11 +1582,23 @@ export class BlockEngine {
           device: this.name, op,
         });
       }
-      const blocks = Math.min(MAX_SPARE_BLOCKS, Math.floor((dev.info.sizeBytes - LABEL_BYTES) / bs));
-      if (!(blocks >= 1)) {
+      const physical = Math.min(MAX_SPARE_BLOCKS, Math.floor((dev.info.sizeBytes - LABEL_BYTES) / bs));
+      if (!(physical >= 1)) {
         throw new RemapError(ERRNO.ENOSPC, `spare ${path} (${dev.info.sizeBytes} bytes) is too small for its ${LABEL_BYTES}-byte label and one ${bs}-byte block`, {
           device: this.name, op,
         });
+      }
+      const room = this.spareRoom();
+      const blocks = room === null ? physical : Math.min(physical, room);
+      if (blocks < 1) {
+        const primary = this.allocator.info()[0].blocks;
+        throw new RemapError(ERRNO.ENOSPC, `the metadata has no room for more spare blocks: a checkpoint holds ${this.checkpointCapacity} records, `
+          + `sized at format for the ${primary} blocks of the primary spare${this.allocator.count > 1 ? ` and ${this.allocator.total - primary} extra ones` : ''}; `
+          + `format the primary spare with a pool reserve (add --format --pool-reserve SIZE) to add spares`, { device: this.name, op });
+      }
+      if (blocks < physical) {
+        this.log.warn({ event: 'spare-truncated', spare: path, blocks, physicalBlocks: physical },
+          `spare ${path}: only ${blocks} of its ${physical} blocks are used: the metadata has room for no more (pool reserve)`);
       }
       const label = allocAligned(LABEL_BYTES);
       label.set(encodeLabel({ deviceUuid: this.deviceUuid, ordinal, blockSize: bs, dataOffset: LABEL_BYTES, dataBlocks: blocks, createdAtMs: Date.now() }));

@@ -79,6 +79,22 @@ export function splitSpareRun(bases: readonly number[], total: number, first: nu
   return out;
 }
 
+// ------------------------------------------------------- metadata room
+
+/**
+ * How many extra spare blocks in all the metadata can describe with
+ * `extras` extra spares. A checkpoint must always fit its slot (docs/FORMAT.md
+ * section 6): in the worst case every spare block costs two records (a
+ * remap and a SPARE_BAD, as a lost block has), pending blocks up to the
+ * primary's `dataBlocks`, and one SPARE_ADD per extra spare, so
+ * 2 * (dataBlocks + E) + dataBlocks + extras <= checkpointCapacity. A
+ * primary formatted without a pool reserve has little room (rounding
+ * only); `poolReserveBytes` at format makes room.
+ */
+export function poolRoom(checkpointCapacity: number, dataBlocks: number, extras: number): number {
+  return Math.max(0, Math.floor((checkpointCapacity - 3 * dataBlocks - extras) / 2));
+}
+
 // -------------------------------------------------------------- the label
 
 /** Label magic, 8 ASCII bytes. */

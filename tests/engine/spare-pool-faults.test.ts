@@ -38,7 +38,7 @@ describe('engine with a faulty extra spare', () => {
     sparseFile(extra.backingFile, EXTRA_BYTES); // blank for each test
     await extra.setBad({});
     // a full primary, then the extra spare: every new remap goes to the extra spare
-    e = await open({ mainPath, sparePath, format: true });
+    e = await open({ mainPath, sparePath, format: true, poolReserveBytes: EXTRA_BYTES });
     primary = e.status().spareBlocksTotal;
     await e.submit({ op: 'write', offset: 0, length: (primary + 20) * BS, buffer: pattern(primary + 20, 1) });
     expect((await e.remapBlocks(Array.from({ length: primary }, (_, i) => i))).every((r) => r.result === 'remapped')).toBe(true);

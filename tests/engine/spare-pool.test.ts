@@ -10,10 +10,13 @@ import { ERRNO, RemapError } from '../../src/errors.js';
 import { BackingDevice, allocAligned } from '../../src/native/backing.js';
 import { RecordType } from '../../src/metadata/records.js';
 import {
-  LABEL_BYTES, SparePool, decodeLabel, encodeLabel, locateSpare, splitSpareRun, type SpareLabel,
+  LABEL_BYTES, SparePool, decodeLabel, encodeLabel, locateSpare, poolRoom, splitSpareRun, type SpareLabel,
 } from '../../src/engine/spare-pool.js';
 import type { BlockEngine } from '../../src/engine/engine.js';
 import { BS, captureLogger, open, offlineState, pattern, readBack, sparseFile, tempDir } from './fixtures.js';
+
+/** Metadata room for extra spares, at format. */
+const POOL = 2 * 1024 * 1024;
 
 const sizesArb = fc.array(fc.integer({ min: 1, max: 50 }), { minLength: 1, maxLength: 8 });
 
@@ -70,6 +73,15 @@ describe('spare index mapper', () => {
         expect(pieces[i].spare).toBe(pieces[i - 1].spare + 1);
         expect(pieces[i].local).toBe(0);
       }
+    }));
+  });
+
+  it('poolRoom is the most extra blocks whose worst case still fits a checkpoint', () => {
+    fc.assert(fc.property(fc.nat({ max: 1 << 24 }), fc.integer({ min: 1, max: 1 << 20 }), fc.nat({ max: 1000 }), (cap, d, k) => {
+      const e = poolRoom(cap, d, k);
+      expect(Number.isInteger(e) && e >= 0).toBe(true);
+      if (e > 0) expect(2 * (d + e) + d + k).toBeLessThanOrEqual(cap);
+      expect(2 * (d + e + 1) + d + k).toBeGreaterThan(cap);
     }));
   });
 
@@ -193,7 +205,7 @@ describe('engine with a spare pool (real files)', () => {
   }
 
   it('a full primary spare plus an added spare: remaps continue on the new spare, data reads back, reopen keeps every remap', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const primary = engine.status().spareBlocksTotal;
     expect(primary).toBeGreaterThan(10);
     const n = primary + 40;
@@ -241,7 +253,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('a checkpoint keeps the spare: reopen after many commits', async () => {
-    engine = await open({ mainPath, sparePath, format: true, journalBytes: 64 * 1024 });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL, journalBytes: 64 * 1024 });
     const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 300 * BS);
     await engine.addSpare(extraPath, { format: true });
     const data = await fill(200, 3);
@@ -259,7 +271,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('allocation spreads over the spares', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const primary = engine.status().spareBlocksTotal;
     const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + primary * BS);
     await engine.addSpare(extraPath, { format: true });
@@ -272,7 +284,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('an extent over the end of one spare and the start of the next reads and writes both', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const primary = engine.status().spareBlocksTotal;
     const data = await fill(primary + 1, 5);
     // the primary keeps only its last block free
@@ -293,7 +305,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('a missing or different spare stops the device from opening, naming the spare and the errno', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 16 * BS);
     await engine.addSpare(extraPath, { format: true });
     await fill(4, 2);
@@ -326,7 +338,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('an add whose commit never landed: its label is ignored at open (warning) and reused by the next add', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     await engine.close();
     engine = null;
     const uuid = (await offlineState(sparePath)).metadata.identity.deviceUuid;
@@ -346,7 +358,7 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('two extra spares given in the wrong order are refused; in order they open', async () => {
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const x1 = sparseFile(join(t.dir, 'x1'), LABEL_BYTES + 16 * BS);
     const x2 = sparseFile(join(t.dir, 'x2'), LABEL_BYTES + 16 * BS);
     await engine.addSpare(x1, { format: true });
@@ -365,32 +377,64 @@ describe('engine with a spare pool (real files)', () => {
   });
 
   it('a primary spare in the tail of main, with 512-byte blocks, plus an extra spare', async () => {
-    engine = await open({ mainPath, spareTailBytes: 1024 * 1024, blockSize: 512, format: true });
-    const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 4096 * 512);
-    const info = await engine.addSpare(extraPath, { format: true });
-    expect(info.blocks).toBe(4096);
+    engine = await open({ mainPath, spareTailBytes: 1024 * 1024, blockSize: 512, format: true, poolReserveBytes: 64 * 1024 });
     const primary = engine.spareInfo()[0].blocks;
-    expect(primary).toBeLessThan(4096 - 8);
-    const data = allocAligned(8 * 512);
-    for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+    const extraPath = sparseFile(join(t.dir, 'extra'), LABEL_BYTES + 128 * 512);
+    const info = await engine.addSpare(extraPath, { format: true });
+    expect(info.blocks).toBe(128);
+    // fill the primary, so that the next remaps land on the extra spare
+    const n = primary + 8;
+    const data = allocAligned(n * 512);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13 + (i >> 9)) & 0xff;
     await engine.submit({ op: 'write', offset: 0, length: data.length, buffer: data });
-    const r = await engine.remapBlocks([0, 1, 2, 3, 4, 5, 6, 7]);
-    expect(r.filter((x) => x.result === 'remapped' && x.spare >= primary)).toHaveLength(8); // the empty spare has the most free blocks
+    const r = await engine.remapBlocks(Array.from({ length: n }, (_, i) => i));
+    expect(r.every((x) => x.result === 'remapped')).toBe(true);
+    expect(engine.spareInfo().map((s) => s.used)).toEqual([primary - 60, 68]); // most free first: 68 on the extra leave 60 free on each
     await engine.submit({ op: 'flush', offset: 0, length: 0 });
     await engine.close();
     engine = await open({ mainPath, spareTailBytes: 1024 * 1024, extraSpares: [extraPath] });
-    expect(engine.spareInfo()[1].used).toBe(8);
+    expect(engine.spareInfo().map((s) => s.used)).toEqual([primary - 60, 68]);
     const back = allocAligned(data.length);
     await engine.submit({ op: 'read', offset: 0, length: data.length, buffer: back });
     expect(back.equals(data)).toBe(true);
   });
 
+  it('the metadata bounds the pool: no room without a pool reserve, a spare larger than the room is truncated', async () => {
+    engine = await open({ mainPath, sparePath, format: true });
+    const small = sparseFile(join(t.dir, 'small'), LABEL_BYTES + 4096 * BS);
+    const room = engine.spareRoom() as number;
+    expect(room).toBeLessThan(100); // rounding slack only
+    if (room > 0) {
+      expect((await engine.addSpare(small, { format: true })).blocks).toBe(room);
+      expect(engine.spareRoom()).toBe(0);
+    }
+    const more = sparseFile(join(t.dir, 'more'), LABEL_BYTES + 16 * BS);
+    await expect(engine.addSpare(more, { format: true })).rejects.toMatchObject({ errno: ERRNO.ENOSPC, message: expect.stringMatching(/no room for more spare blocks.*--pool-reserve/) });
+    await engine.close();
+    engine = null;
+
+    sparseFile(sparePath, 1024 * 1024); // a blank primary again
+    sparseFile(small, LABEL_BYTES + 4096 * BS);
+    const { logger, lines } = captureLogger();
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: 256 * BS, logger });
+    const room2 = engine.spareRoom() as number;
+    expect(room2).toBeGreaterThanOrEqual(256);
+    expect(room2).toBeLessThan(4096);
+    const info = await engine.addSpare(small, { format: true });
+    expect(info.blocks).toBe(room2);
+    expect(lines.some((l) => l.event === 'spare-truncated' && l.blocks === room2 && l.physicalBlocks === 4096)).toBe(true);
+    // the worst case fits a checkpoint: every block remapped and bad, plus the pending reserve
+    const { metadata } = await offlineState(sparePath);
+    const d = metadata.layout.dataBlocks;
+    expect(2 * (d + room2) + d + 1).toBeLessThanOrEqual(metadata.layout.checkpointCapacity);
+  });
+
   it('spare add refuses the label of another device, metadata, and parts of this device', async () => {
-    const other = await open({ name: 'other', mainPath: sparseFile(join(t.dir, 'main2'), 1024 * 1024), sparePath: sparseFile(join(t.dir, 'spare2'), 1024 * 1024), format: true });
+    const other = await open({ name: 'other', mainPath: sparseFile(join(t.dir, 'main2'), 1024 * 1024), sparePath: sparseFile(join(t.dir, 'spare2'), 1024 * 1024), format: true, poolReserveBytes: POOL });
     const theirs = sparseFile(join(t.dir, 'theirs'), LABEL_BYTES + 8 * BS);
     await other.addSpare(theirs, { format: true });
     await other.close();
-    engine = await open({ mainPath, sparePath, format: true });
+    engine = await open({ mainPath, sparePath, format: true, poolReserveBytes: POOL });
     const before = readFileSync(theirs);
     await expect(engine.addSpare(theirs, { format: true })).rejects.toMatchObject({ errno: ERRNO.EEXIST, message: expect.stringMatching(/spare 1 of another device/) });
     expect(readFileSync(theirs).equals(before)).toBe(true);

@@ -44,7 +44,7 @@ describe('fuzz: spare pool control arguments', () => {
     const spare = img(join(dir, 'spare.img'), 1 << 20);
     // another device's extra spare
     const theirs = img(join(dir, 'theirs.img'), BS + 8 * BS);
-    const other = await openEngine({ name: 'other', mainPath: img(join(dir, 'm2.img'), 1 << 20), sparePath: img(join(dir, 's2.img'), 1 << 20), format: true });
+    const other = await openEngine({ name: 'other', mainPath: img(join(dir, 'm2.img'), 1 << 20), sparePath: img(join(dir, 's2.img'), 1 << 20), format: true, poolReserveBytes: 1 << 20 });
     await other.addSpare(theirs, { format: true });
     await other.close();
     const blanks = Array.from({ length: 6 }, (_, i) => img(join(dir, `blank${i}.img`), BS + (4 + i) * BS));
@@ -52,7 +52,7 @@ describe('fuzz: spare pool control arguments', () => {
     const stateDir = join(dir, 'state');
     mkdirSync(stateDir);
     const mgr = new DeviceManager({ stateDir, logger: pino({ level: 'silent' }), openEngine, startExport: async () => null });
-    await mgr.add({ name: 'sp', main, spare }, { format: true });
+    await mgr.add({ name: 'sp', main, spare, poolReserveBytes: 1 << 20 }, { format: true });
     const h = spareHandlers(mgr);
     const protect = new Map([main, spare, theirs, join(dir, 's2.img')].map((p) => [p, readFileSync(p).subarray(0, 2 * BS)]));
     const VALUES: unknown[] = [undefined, null, true, false, 0, 1, -1, 1.5, NaN, '', 'sp', 'nope', '../sp', [], {}, 'x.img', '/', dir,
