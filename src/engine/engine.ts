@@ -388,12 +388,10 @@ export class BlockEngine {
   }
 
   private slowPath(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
-    // Tracked, so that retiring a remap (unremapBlocks) can wait for the
-    // requests already under way; those touching a block being retired wait.
-    const p = this.retireFence.size > 0 ? this.afterRetireFence(req, buf) : this.slowPathOp(req, buf);
-    this.slowActive.add(p);
-    p.then(() => this.slowActive.delete(p), () => this.slowActive.delete(p));
-    return p;
+    // Requests touching a block being retired (unremapBlocks) wait at its
+    // fence; the others are tracked so that a retirement can wait for them.
+    if (this.retireFence.size > 0) return this.afterRetireFence(req, buf);
+    return this.trackSlow(this.slowPathOp(req, buf));
   }
 
   private slowPathOp(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
@@ -1170,7 +1168,15 @@ export class BlockEngine {
       };
       while (this.retireFence.size > 0 && touches()) await this.retireFenceReleased;
     }
-    return this.slowPathOp(req, buf);
+    // Tracked only from here: a request parked at a fence has touched
+    // nothing, and a retirement waiting for it would wait for itself.
+    return this.trackSlow(this.slowPathOp(req, buf));
+  }
+
+  private trackSlow(p: Promise<void>): Promise<void> {
+    this.slowActive.add(p);
+    p.then(() => this.slowActive.delete(p), () => this.slowActive.delete(p));
+    return p;
   }
 
   /**
