@@ -112,6 +112,7 @@ describe('spare pool through the daemon', () => {
     const full = await ctl(d.sock, 'remap', 'pd', String(primary));
     expect(full.code).toBe(1); // spare exhausted
     expect(full.stdout + full.stderr).toMatch(/spare exhausted/);
+    expect((await json<DeviceStatus>(d.sock, 'status', 'pd')).body.spareExhausted).toBe(true);
 
     const stopFile = join(dir, 'stop-writer');
     // The writer rewrites blocks 0..N-1 round after round until told to stop.
@@ -147,6 +148,7 @@ print("last", r, flush=True)`], { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'
     expect(added.body.spares.map((s) => s.ordinal)).toEqual([0, 1]);
     expect(added.body.spareBlocksTotal).toBe(primary + 512);
     expect(added.body.roomBlocks).toBeGreaterThanOrEqual(1024 - 512); // --pool-reserve 4M: room for 1024 blocks, 512 taken
+    expect((await json<DeviceStatus>(d.sock, 'status', 'pd')).body.spareExhausted).toBe(false);
     expect(d.logs.some((l) => l.event === 'spare-added' && l.device === 'pd' && l.spare === extra)).toBe(true);
     expect(JSON.parse(readFileSync(join(d.stateDir, 'devices.json'), 'utf8')).devices[0].spares).toEqual([extra]);
 
@@ -236,6 +238,7 @@ print("last", r, flush=True)`], { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'
     const foreign = await json<string>(d.sock, 'spare', 'add', 'pd', other, '--format');
     expect(foreign.code).toBe(7);
     expect(foreign.stderr).toMatch(/spare 1 of another device \(UUID [0-9a-f-]{36}\); refusing to overwrite its label/);
+    expect(foreign.body).toMatchObject({ ok: false, error: { code: 'IDENTITY_MISMATCH', errnoName: 'EEXIST' } });
     expect(readFileSync(other).equals(label)).toBe(true);
     const st = await json<DeviceStatus>(d.sock, 'status', 'pd');
     expect(st.body.spares?.length).toBe(2);
