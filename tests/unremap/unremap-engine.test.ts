@@ -153,3 +153,41 @@ describe('unremap on a main that still fails writes (fault disk)', () => {
     await e.close();
   });
 });
+
+describe('unremap with a failing spare (fault disk)', () => {
+  requireTools('nbdkit', 'nbdkit-python', 'nbdfuse', 'fusermount3', '/dev/fuse');
+  let dir: string;
+  let spare: FaultDisk;
+  beforeAll(async () => {
+    dir = await makeTempDir('dmr-unremap-spare');
+    spare = await startFaultDisk({ dir, name: 'spare', sizeBytes: 4 << 20 });
+  });
+  afterAll(async () => {
+    await cleanupAll();
+  });
+
+  it('a block whose spare block cannot be read stays remapped, named with EIO; one already lost (pending) is left pending', async () => {
+    const mainPath = sparseFile(join(dir, 'main.img'), 64 * BS);
+    const e = await open({ mainPath, sparePath: spare.path, format: true });
+    const expected = randomBlocks(8);
+    await write(e, 0, expected);
+    expect((await e.remapBlocks([1, 2, 3])).every((r) => r.result === 'remapped')).toBe(true);
+    // Block 2's spare block fails reads now: the retirement cannot copy it.
+    await spare.setBad({ read: [[e.spareOffset(e.lookup(2)), BS]] });
+    const r = await e.unremapBlocks('all');
+    expect(r.map((x) => [x.block, x.result])).toEqual([[1, 'unremapped'], [2, 'failed'], [3, 'unremapped']]);
+    expect(r[1]).toMatchObject({ errno: 5 });
+    expect((r[1] as { reason: string }).reason).toMatch(/^block 2: reading spare block \d+ failed \(EIO\); it stays remapped$/);
+    // A client read finds it unreadable too: spare block bad, block pending (EIO).
+    await expect(readBack(e, 2 * BS, BS)).rejects.toMatchObject({ errno: 5 });
+    expect(e.isPending(2)).toBe(true);
+    const again = await e.unremapBlocks([2]);
+    expect(again[0]).toMatchObject({ block: 2, result: 'failed', errno: 5 });
+    expect((again[0] as { reason: string }).reason).toContain('is bad and the block is pending (unreadable until rewritten); it stays remapped');
+    // Its neighbours came back from main intact.
+    expect((await readBack(e, BS, BS)).equals(expected.subarray(BS, 2 * BS))).toBe(true);
+    expect((await readBack(e, 3 * BS, BS)).equals(expected.subarray(3 * BS, 4 * BS))).toBe(true);
+    expect(readMain(mainPath, 3).equals(expected.subarray(3 * BS, 4 * BS))).toBe(true);
+    await e.close();
+  });
+});
