@@ -15,7 +15,7 @@ import { readFileSync, readdirSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanupAll, makeTempDir, requireTools, startFaultDisk, type FaultDisk } from '../helpers/faultdisk.js';
-import { ctl, startDaemon, type Daemon } from '../daemon/helpers.js';
+import { ctl, request, startDaemon, type Daemon } from '../daemon/helpers.js';
 
 requireTools('nbdkit', 'nbdkit-python', 'nbdfuse', 'fusermount3', '/dev/fuse', 'nbdsh');
 
@@ -202,5 +202,35 @@ describe('remapctl export/import --ddrescue', () => {
     expect((await ctl(d.sock, 'import', 'nodev', '--ddrescue', big)).code).toBe(4);
     expect((await ctl(d.sock, 'export', 'nodev', '--ddrescue', join(dir, 'x.map'))).code).toBe(4);
     expect((await ctl(d.sock, 'export', 'f', '--ddrescue', join(dir, 'no-such-dir', 'x.map'))).code).toBe(8);
+  }, 60_000);
+
+  it('control protocol: malformed ddrescue-import and unremap arguments are refused with stable codes, naming the argument', async () => {
+    const cases: Array<[string, Record<string, unknown>, string, string]> = [
+      ['ddrescue-import', { name: 'f' }, 'BAD_REQUEST', 'argument "ranges" must be a non-empty array'],
+      ['ddrescue-import', { name: 'f', ranges: [] }, 'BAD_REQUEST', 'argument "ranges" must be a non-empty array'],
+      ['ddrescue-import', { name: 'f', ranges: [[1]] }, 'BAD_REQUEST', '[1] is not [firstBlock, count]'],
+      ['ddrescue-import', { name: 'f', ranges: [[1, 0]] }, 'BAD_REQUEST', '[1,0] is not [firstBlock, count]'],
+      ['ddrescue-import', { name: 'f', ranges: [[-1, 2]] }, 'BAD_REQUEST', '[-1,2] is not [firstBlock, count]'],
+      ['ddrescue-import', { name: 'f', ranges: [['1', 2]] }, 'BAD_REQUEST', 'is not [firstBlock, count]'],
+      ['ddrescue-import', { name: 'f', ranges: [[BLOCKS - 1, 2]] }, 'INVALID_ARGUMENT', `blocks ${BLOCKS - 1}..${BLOCKS} are outside device "f"`],
+      ['ddrescue-import', { name: 'f', ranges: Array.from({ length: 130 }, () => [0, 8000]) }, 'INVALID_ARGUMENT', 'more than 1000000 blocks in one import on device "f"'],
+      ['ddrescue-import', { name: 'nope', ranges: [[0, 1]] }, 'UNKNOWN_DEVICE', 'nope'],
+      ['ddrescue-export', {}, 'BAD_REQUEST', 'argument "name"'],
+      ['unremap', { name: 'f' }, 'BAD_REQUEST', 'give exactly one of "all": true or "blocks"'],
+      ['unremap', { name: 'f', all: true, blocks: [1] }, 'BAD_REQUEST', 'give exactly one of "all": true or "blocks"'],
+      ['unremap', { name: 'f', all: 'yes' }, 'BAD_REQUEST', 'argument "all" must be true or false'],
+      ['unremap', { name: 'f', blocks: [1.5] }, 'BAD_REQUEST', 'argument "blocks" must be a non-empty array'],
+      ['unremap', { name: 'f', blocks: [] }, 'BAD_REQUEST', 'argument "blocks" must be a non-empty array'],
+      ['unremap', { name: 'nope', all: true }, 'UNKNOWN_DEVICE', 'nope'],
+    ];
+    for (const [cmd, args, code, text] of cases) {
+      const a = await request(d.sock, cmd, args);
+      expect([cmd, args, a.ok]).toEqual([cmd, args, false]);
+      const err = a.error as { code: string; message: string };
+      expect([cmd, args, err.code]).toEqual([cmd, args, code]);
+      expect(err.message).toContain(text);
+    }
+    // The device is untouched and still serves.
+    expect(((await request(d.sock, 'status', { name: 'f' })).result as { state: string }).state).toBe('running');
   }, 60_000);
 });
