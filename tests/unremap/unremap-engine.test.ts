@@ -35,10 +35,12 @@ describe('unremap (engine)', () => {
   const t = tempDir('unremap');
   afterAll(() => t.cleanup());
 
-  it('copies remapped blocks back to main: data identical through the engine, on main, and after reopening; spare blocks freed', async () => {
-    const mainPath = sparseFile(join(t.dir, 'm1.img'), BLOCKS * BS);
-    const sparePath = sparseFile(join(t.dir, 's1.img'), 8 << 20);
-    const e = await open({ mainPath, sparePath, format: true });
+  it.each([['a spare file', false], ['a spare tail of main', true]])('copies remapped blocks back to main (%s): data identical through the engine, on main, and after reopening; spare blocks freed', async (_what, tail) => {
+    const mainPath = sparseFile(join(t.dir, `m1-${String(tail)}.img`), BLOCKS * BS + (tail ? 8 << 20 : 0));
+    const sparePath = tail ? mainPath : sparseFile(join(t.dir, 's1.img'), 8 << 20);
+    const where = tail ? { spareTailBytes: 8 << 20 } : { sparePath };
+    const e = await open({ mainPath, ...where, format: true });
+    expect(e.blocks).toBe(BLOCKS);
     const expected = randomBlocks(BLOCKS);
     await write(e, 0, expected);
     const remapped = [0, 1, 2, 17, 100, 101, 500, BLOCKS - 1];
@@ -64,9 +66,9 @@ describe('unremap (engine)', () => {
     for (const b of remapped) expect(readMain(mainPath, b).equals(expected.subarray(b * BS, (b + 1) * BS))).toBe(true);
     expect((await e.unremapBlocks([BLOCKS + 5]))[0]).toMatchObject({ result: 'failed', errno: 22 });
     await e.close();
-    const off = await offlineState(sparePath);
+    const off = await offlineState(sparePath, tail ? { areaOffset: BLOCKS * BS } : {});
     expect(off.state.remaps.size).toBe(0);
-    const e2 = await open({ mainPath, sparePath });
+    const e2 = await open({ mainPath, ...where });
     expect(e2.status().remappedBlocks).toBe(0);
     expect((await readBack(e2, 0, BLOCKS * BS)).equals(expected)).toBe(true);
     // The freed spare blocks are handed out again.
