@@ -133,4 +133,20 @@ h.flush()
     expect(one.stdout).toContain('d: block 7 is not remapped');
     expect(one.stdout).toContain(`d: block ${BLOCKS + 1} failed: block ${BLOCKS + 1} is outside the device (0..${BLOCKS - 1})`);
   }, 60_000);
+
+  it('a main that still fails writes: that block stays remapped, exit 1, the output names the block and the errno', async () => {
+    if (d === undefined) d = await startDaemon(dir);
+    expect((await ctl(d.sock, 'remap', 'd', '10', '11')).code).toBe(0);
+    await disk.setBad({ write: [[11 * BS, BS]] });
+    const r = await ctl(d.sock, 'unremap', 'd', '10', '11');
+    expect(r.code).toBe(1);
+    expect(r.stdout).toContain('d: block 10 copied back to main');
+    expect(r.stdout).toContain(`d: block 11 failed: block 11: writing it back to main ${disk.path} failed (EIO); it stays remapped`);
+    expect(r.stdout).toContain('d: 1 unremapped, 1 failed; 1 block(s) still remapped');
+    const j = JSON.parse((await ctl(d.sock, '--json', 'unremap', 'd', '--all')).stdout) as { failed: number; failures: Array<{ block: number; errno: number }> };
+    expect(j.failed).toBe(1);
+    expect(j.failures.map((f) => [f.block, f.errno])).toEqual([[11, 5]]);
+    await disk.setBad({});
+    expect((await ctl(d.sock, 'unremap', 'd', '--all')).code).toBe(0);
+  }, 60_000);
 });
