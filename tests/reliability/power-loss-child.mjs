@@ -39,7 +39,8 @@ async function worker() {
     for (let k = 0; k < count; k++) busy.add(block + k);
     const t = tag;
     tag += count;
-    const fua = rand(8) === 0;
+    // rare: on FUSE a FUA write is an fdatasync, which persists every cached write
+    const fua = rand(64) === 0;
     const buf = allocAligned(count * BS);
     for (let k = 0; k < count; k++) {
       const v = buf.subarray(k * BS, (k + 1) * BS);
@@ -58,7 +59,7 @@ async function worker() {
 }
 async function flusher() {
   for (let n = 1; ; n++) {
-    await new Promise((r) => setTimeout(r, 10 + rand(60)));
+    await new Promise((r) => setTimeout(r, 20 + rand(200)));
     writeSync(log, `FS ${n}\n`);
     try {
       await engine.submit({ op: 'flush', offset: 0, length: 0 });
