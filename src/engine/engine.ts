@@ -391,7 +391,7 @@ export class BlockEngine {
     // Requests touching a block being retired (unremapBlocks) wait at its
     // fence; the others are tracked so that a retirement can wait for them.
     if (this.retireFence.size > 0) return this.afterRetireFence(req, buf);
-    return this.trackSlow(this.slowPathOp(req, buf));
+    return this.trackSlow(req, this.slowPathOp(req, buf));
   }
 
   private slowPathOp(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
@@ -1148,8 +1148,8 @@ export class BlockEngine {
   /** Logical blocks being retired now: slow-path requests touching them wait for the fence. */
   private readonly retireFence = new Set<number>();
   private retireFenceReleased: Promise<void> = Promise.resolve();
-  /** Slow-path requests in flight (every remapped block is served by the slow path). */
-  private readonly slowActive = new Set<Promise<void>>();
+  /** Slow-path requests in flight and their block ranges (every remapped block is served by the slow path). */
+  private readonly slowActive = new Map<Promise<void>, { first: number; end: number }>();
   /** One unremapBlocks() at a time. */
   private retireChain: Promise<unknown> = Promise.resolve();
 
@@ -1170,11 +1170,13 @@ export class BlockEngine {
     }
     // Tracked only from here: a request parked at a fence has touched
     // nothing, and a retirement waiting for it would wait for itself.
-    return this.trackSlow(this.slowPathOp(req, buf));
+    return this.trackSlow(req, this.slowPathOp(req, buf));
   }
 
-  private trackSlow(p: Promise<void>): Promise<void> {
-    this.slowActive.add(p);
+  private trackSlow(req: EngineRequest, p: Promise<void>): Promise<void> {
+    if (req.op === 'flush') return p;
+    const first = req.offset / this.blockSize;
+    this.slowActive.set(p, { first, end: first + req.length / this.blockSize });
     p.then(() => this.slowActive.delete(p), () => this.slowActive.delete(p));
     return p;
   }
@@ -1240,7 +1242,9 @@ export class BlockEngine {
     let release!: () => void;
     this.retireFenceReleased = new Promise<void>((r) => { release = r; });
     for (const g of fenced) this.retireFence.add(g.block);
-    const running = [...this.slowActive];
+    // Only the requests touching the group: one hung elsewhere must not stall it.
+    const running: Array<Promise<void>> = [];
+    for (const [p, r] of this.slowActive) if (fenced.some((g) => g.block >= r.first && g.block < r.end)) running.push(p);
     try {
       await Promise.allSettled(running);
       const unlock = await this.lockBlocks(fenced.map((g) => g.block));
