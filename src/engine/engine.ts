@@ -193,6 +193,24 @@ export class BlockEngine {
   private drainWaiters: Array<() => void> = [];
   /** Logical blocks with a remap in progress: a second remapper waits. */
   private readonly remapLocks = new Map<number, Promise<void>>();
+  /**
+   * Blocks whose data a manual remap is copying off main. A write to main
+   * that lands between that copy's read and its commit would be lost (the
+   * block is then served from the spare copy), so writes touching a fenced
+   * block wait for the remap and are then planned again (to the spare).
+   */
+  private readonly copyFence = new Map<number, Promise<void>>();
+  /**
+   * Main writes in flight, counted by the parity of the generation they
+   * started in: a fence bumps the generation and waits for the writes of
+   * the previous one, i.e. for every write that may have passed the fence
+   * check before the fence went up.
+   */
+  private writeGen = 0;
+  private readonly mainWrites = new Int32Array(2);
+  private genWaiter: (() => void) | null = null;
+  private genWaiterParity = 0;
+  private fenceChain: Promise<void> = Promise.resolve();
   /** Records that must ride along with the next commit (quarantine notes). */
   private carryRecords: MetaRecord[] = [];
   private zeroBlock: Buffer | null = null;
@@ -351,6 +369,7 @@ export class BlockEngine {
    * lookup; longer ranges with one range probe.
    */
   private directTarget(req: EngineRequest): boolean {
+    if (this.copyFence.size > 0 && req.op === 'write' && this.fenced(req.offset / this.blockSize, (req.offset + req.length) / this.blockSize) !== null) return false;
     if (this.table.size === 0 && (req.op === 'read' || this.pending.size === 0)) return true;
     const first = req.offset / this.blockSize;
     const end = first + req.length / this.blockSize;
@@ -376,14 +395,17 @@ export class BlockEngine {
     }
     this.stats.writes++;
     const fua = req.fua === true;
+    const gen = this.mainWriteStart();
     this.main.submit(BackingOp.WRITE, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, fua ? IO_FUA : 0, (res) => {
       if (res === length) {
+        this.mainWriteEnd(gen);
         this.stats.bytesWritten += length;
         finish(null);
         return;
       }
       this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua)
-        .then(() => { this.stats.bytesWritten += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
+        .then(() => { this.mainWriteEnd(gen); this.stats.bytesWritten += length; finish(null); },
+          (err: unknown) => { this.mainWriteEnd(gen); finish(asRemapError(err, this.name)); });
     });
   }
 
@@ -597,10 +619,85 @@ export class BlockEngine {
 
   private async doWrite(offset: number, length: number, buf: Uint8Array, fua: boolean): Promise<void> {
     this.stats.writes++;
-    const extents = this.planWrite(offset, length);
-    if (extents.length === 1) await this.writeExtent(extents[0], buf, fua);
-    else await Promise.all(extents.map((e) => this.writeExtent(e, buf, fua)));
+    const gen = await this.passFence(offset, length);
+    try {
+      const extents = this.planWrite(offset, length);
+      if (extents.length === 1) await this.writeExtent(extents[0], buf, fua);
+      else await Promise.all(extents.map((e) => this.writeExtent(e, buf, fua)));
+    } finally {
+      this.mainWriteEnd(gen);
+    }
     this.stats.bytesWritten += length;
+  }
+
+  // ------------------------------------------------ copy fence (manual remap)
+
+  /** Registers a main write in the current generation; returns its parity for mainWriteEnd(). */
+  private mainWriteStart(): number {
+    const p = this.writeGen & 1;
+    this.mainWrites[p]++;
+    return p;
+  }
+
+  private mainWriteEnd(p: number): void {
+    if (--this.mainWrites[p] === 0 && this.genWaiter !== null && this.genWaiterParity === p) {
+      const w = this.genWaiter;
+      this.genWaiter = null;
+      w();
+    }
+  }
+
+  /** The fence of some block in [first, end), or null. */
+  private fenced(first: number, end: number): Promise<void> | null {
+    if (this.copyFence.size === 0) return null;
+    if (end - first > this.copyFence.size) {
+      for (const [b, p] of this.copyFence) if (b >= first && b < end) return p;
+      return null;
+    }
+    for (let b = Math.floor(first); b < end; b++) {
+      const p = this.copyFence.get(b);
+      if (p !== undefined) return p;
+    }
+    return null;
+  }
+
+  /** Waits until no block of the range is fenced, then registers a main write (see mainWriteStart). */
+  private async passFence(offset: number, length: number): Promise<number> {
+    const first = offset / this.blockSize;
+    const end = (offset + length) / this.blockSize;
+    for (let f = this.fenced(first, end); f !== null; f = this.fenced(first, end)) await f;
+    return this.mainWriteStart();
+  }
+
+  /**
+   * Fences `blocks` against main writes: new writes to them wait, and the
+   * writes already in flight (any block: they are not tracked per block)
+   * finish first. Returns the release.
+   */
+  private async fenceMainWrites(blocks: readonly number[]): Promise<() => void> {
+    for (;;) {
+      const busy = blocks.map((b) => this.copyFence.get(b)).filter((p): p is Promise<void> => p !== undefined);
+      if (busy.length === 0) break;
+      await Promise.all(busy);
+    }
+    let release!: () => void;
+    const p = new Promise<void>((r) => { release = r; });
+    for (const b of blocks) this.copyFence.set(b, p);
+    const drained = this.fenceChain.then(() => {
+      const old = this.writeGen & 1;
+      this.writeGen++;
+      if (this.mainWrites[old] === 0) return undefined;
+      return new Promise<void>((r) => {
+        this.genWaiter = r;
+        this.genWaiterParity = old;
+      });
+    });
+    this.fenceChain = drained;
+    await drained;
+    return () => {
+      for (const b of blocks) if (this.copyFence.get(b) === p) this.copyFence.delete(b);
+      release();
+    };
   }
 
   /**
@@ -923,6 +1020,16 @@ export class BlockEngine {
   }
 
   private async remapGroup(group: Array<{ index: number; block: number }>, out: ManualRemapResult[]): Promise<void> {
+    // No client write may land on main between the copy's read and its commit.
+    const release = await this.fenceMainWrites(group.map((g) => g.block));
+    try {
+      await this.remapGroupFenced(group, out);
+    } finally {
+      release();
+    }
+  }
+
+  private async remapGroupFenced(group: Array<{ index: number; block: number }>, out: ManualRemapResult[]): Promise<void> {
     const bs = this.blockSize;
     const readable: Array<{ index: number; block: number; data: Buffer; seen: number }> = [];
     const unreadable: Array<{ index: number; block: number; errno: number }> = [];
@@ -1044,6 +1151,15 @@ export class BlockEngine {
   private async doWriteZeroes(offset: number, length: number, fua: boolean): Promise<void> {
     this.stats.writeZeroes++;
     this.requireWritable('writeZeroes');
+    const gen = await this.passFence(offset, length);
+    try {
+      await this.writeZeroExtents(offset, length, fua);
+    } finally {
+      this.mainWriteEnd(gen);
+    }
+  }
+
+  private async writeZeroExtents(offset: number, length: number, fua: boolean): Promise<void> {
     const bs = this.blockSize;
     const extents = this.planWrite(offset, length);
     await Promise.all(extents.map(async (e) => {
