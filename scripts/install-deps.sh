@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential python3 pkg-config liburing-dev   # addon build (node-gyp + liburing)
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3  # fault injection, NBD peers
-  qemu-utils fio util-linux e2fsprogs bsdutils curl # peers for tests and benchmarks (curl: metrics scrapes; script: scan progress bar)
+  qemu-utils fio util-linux e2fsprogs bsdutils curl gddrescue  # peers for tests and benchmarks (curl: metrics scrapes; script: scan progress bar; ddrescue mapfiles)
 )
 
 need_apt=0
