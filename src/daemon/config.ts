@@ -26,6 +26,10 @@ export interface DaemonConfig {
   metrics?: MetricsConfig;
   /** Background scrub of every device (docs/OPERATION.md, "Scan and scrub"); undefined: off. */
   scrub?: ScrubConfig;
+  /** Stable names: folder of the NAME -> /dev/ublkbN|nbdN links ('/dev/disk/by-remap'); null: none. */
+  byRemapDir?: string | null;
+  /** Stable names: folder of the name files udev/99-dm-remapd.rules imports ('/run/dm-remapd/udev'); null: none. */
+  udevNamesDir?: string | null;
 }
 
 export const DEFAULTS: DaemonConfig = {
@@ -42,7 +46,7 @@ export class ConfigError extends Error {
 }
 
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
-const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs', 'health', 'metrics', 'scrub'] as const;
+const KEYS = ['stateDir', 'controlSocket', 'controlGroup', 'controlSocketMode', 'logLevel', 'metadataTimeoutMs', 'shutdownTimeoutMs', 'health', 'metrics', 'scrub', 'byRemapDir', 'udevNamesDir'] as const;
 
 function str(src: string, key: string, v: unknown): string {
   if (typeof v !== 'string' || v === '') throw new ConfigError(`${src}: "${key}" must be a non-empty string, got ${JSON.stringify(v)}`);
@@ -95,6 +99,9 @@ export function applyConfig(into: DaemonConfig, raw: Record<string, unknown>, sr
   if (raw.health !== undefined) out.health = healthConfig(src, raw.health, out.health);
   if (raw.metrics !== undefined) out.metrics = metricsConfig(src, raw.metrics);
   if (raw.scrub !== undefined) out.scrub = scrubConfig(src, raw.scrub);
+  // Stable names (docs/OPERATION.md, "Stable names"): null turns them off.
+  if (raw.byRemapDir !== undefined) out.byRemapDir = raw.byRemapDir === null ? null : absPath(src, 'byRemapDir', raw.byRemapDir);
+  if (raw.udevNamesDir !== undefined) out.udevNamesDir = raw.udevNamesDir === null ? null : absPath(src, 'udevNamesDir', raw.udevNamesDir);
   return out;
 }
 
