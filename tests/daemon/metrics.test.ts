@@ -129,7 +129,9 @@ describe('health and metrics through the daemon', () => {
     expect(sampleValue(m, 'dm_remapd_device_health', { device: 'fm', state: 'ok' })).toBe(0);
     const deg = await d.waitLog((l) => l.event === 'health-changed' && l.health === 'degraded');
     expect(deg).toMatchObject({ level: 40, device: 'fm', previous: 'ok' });
-    expect(deg.reasons).toContain('1 automatic remap(s) in the last 600 s');
+    // The tracker may sample between the write error and its remap's commit:
+    // the first degraded event names one or both.
+    expect((deg.reasons as string[]).some((r) => r === '1 automatic remap(s) in the last 600 s' || r === '1 I/O error(s) in the last 600 s')).toBe(true);
 
     // remapctl status shows it, human and --json.
     const st = await ctl(d.sock, 'status');
