@@ -24,6 +24,11 @@ import { ddrescueHandlers } from './handlers-ddrescue.js';
 import { unremapHandlers } from './handlers-unremap.js';
 import { scanHandlers } from './handlers-scan.js';
 import { spareHandlers } from './handlers-spare.js';
+import { BY_REMAP_DIR, StableNames, UDEV_NAMES_DIR, attachStableNames, kernelDeviceOf } from './stable-names.js';
+import { checkMountNamespace, detachOwnMounts } from './mount-namespace.js';
+import { backingPaths, reassembleWaitMs, waitForPaths } from './boot-wait.js';
+import { StateFile } from './state.js';
+import { openersHandlers, refuseRemoveIfOpen } from './handlers-openers.js';
 
 function version(): string {
   try {
@@ -127,6 +132,7 @@ function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Rec
     ...unremapHandlers(mgr),
     ...scanHandlers(mgr, cfg),
     ...spareHandlers(mgr),
+    ...openersHandlers(mgr),
     ping: async () => ({ version: version(), pid: process.pid, uptimeMs: Date.now() - startedAt, devices: mgr.size }),
     add: async (args) => {
       const { spec, format } = specFromArgs(args, cfg);
@@ -137,6 +143,8 @@ function handlers(mgr: DeviceManager, cfg: DaemonConfig, startedAt: number): Rec
     remove: async (args) => {
       const name = argString('remove', args, 'name');
       const timeoutMs = argInt('remove', args, 'timeoutMs', 0, 3_600_000);
+      // A mounted or open /dev/ublkbN or /dev/nbdN: refused, naming who holds it (docs/OPERATION.md "Openers").
+      if (argBool('remove', args, 'force') !== true) await refuseRemoveIfOpen(mgr, name);
       const r = await mgr.remove(name, timeoutMs);
       sdNotify(`STATUS=serving ${mgr.size} device(s)`);
       return r;
@@ -173,17 +181,26 @@ async function run(): Promise<number> {
     throw err;
   }
   const log: Logger = pino({ level: cfg.logLevel, base: { pid: process.pid, service: 'dm-remapd' } });
+  const mountNamespace = checkMountNamespace(log); // warns in a private one (src/daemon/mount-namespace.ts)
   let groupId: number | undefined;
   try {
     groupId = resolveGroup(cfg.controlGroup);
     mkdirTree(cfg.stateDir, 0o755);
   } catch (err) {
     log.fatal({ event: 'start-failed', error: errorBody(err) }, `cannot start: ${(err as Error).message}`);
+    if (err instanceof ConfigError) {
+      // A configuration error (an unknown controlGroup) is a usage error, as for every other bad key.
+      process.stderr.write(`dm-remapd: ${err.message}\n`);
+      return 2;
+    }
     return 1;
   }
   const startedAt = Date.now();
   const mgr = new DeviceManager({ stateDir: cfg.stateDir, logger: log, openEngine, startExport: startNbdExport, defaultMetadataTimeoutMs: cfg.metadataTimeoutMs, health: cfg.health });
   const control = new ControlServer({ path: cfg.controlSocket, logger: log, handlers: handlers(mgr, cfg, startedAt), groupId, mode: cfg.controlSocketMode });
+  const byRemapDir = cfg.byRemapDir === undefined ? BY_REMAP_DIR : cfg.byRemapDir;
+  const stableNames = byRemapDir === null ? null
+    : attachStableNames(mgr, new StableNames({ linkDir: byRemapDir, udevDir: cfg.udevNamesDir === undefined ? UDEV_NAMES_DIR : cfg.udevNamesDir, logger: log }));
   let stopping = false;
   let resolveStop: (signal: string) => void = () => undefined;
   const stopped = new Promise<string>((resolve) => {
@@ -223,11 +240,14 @@ async function run(): Promise<number> {
     return 1;
   }
   let r = { started: 0, failed: 0 };
+  // Boot: wait, bounded, for the remembered backing disks (DM_REMAPD_REASSEMBLE_WAIT_MS, set by the unit).
+  await waitForPaths(backingPaths(await new StateFile(cfg.stateDir).load().catch(() => [])), reassembleWaitMs(), log);
   try {
     r = await mgr.reassemble();
   } catch (err) {
     log.error({ event: 'reassemble-failed', error: errorBody(err) }, `cannot read the remembered devices: ${(err as Error).message}`);
   }
+  stableNames?.reconcile();
   log.info({ event: 'ready', controlSocket: cfg.controlSocket, stateDir: cfg.stateDir, devices: r.started, failedDevices: r.failed },
     `dm-remapd ready: ${r.started} device(s) reassembled, ${r.failed} failed`);
   sdNotify('READY=1');
@@ -238,7 +258,13 @@ async function run(): Promise<number> {
   sdNotify(`STATUS=stopping: removing ${mgr.size} device(s)`);
   await control.close();
   await metrics?.close();
+  // In a private mount namespace, copies of our devices' mounts are ours alone: detach them first (DM_REMAPD_DETACH_OWN_MOUNTS=0: don't).
+  if (mountNamespace.initial === false && process.env.DM_REMAPD_DETACH_OWN_MOUNTS !== '0') {
+    await detachOwnMounts(mgr.list().map((s) => kernelDeviceOf(s.exports)).filter((d): d is string => d !== null), log);
+  }
+  stableNames?.stopping();
   const reports = await mgr.shutdown(cfg.shutdownTimeoutMs);
+  stableNames?.stopped();
   const unclean = reports.filter((x) => x.timedOut || x.metadataAborted);
   log.info({ event: 'stopped', devices: reports.length, unclean: unclean.length }, 'dm-remapd stopped');
   return 0;

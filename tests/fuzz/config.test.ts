@@ -58,7 +58,7 @@ describe('config-file errors', () => {
       { name: 'unknown key', config: { ...base, stateDirectory: '/x' }, code: 2, message: /unknown key "stateDirectory"/ },
       { name: 'unknown key __proto__', config: `{"stateDir": ${JSON.stringify(state)}, "__proto__": {"x": 1}}`, code: 2, message: /unknown key "__proto__"/ },
       ...wrong.map(([k, v]): Case => ({ name: `${k}=${JSON.stringify(v)}`, config: { ...base, [k]: v }, code: 2, message: new RegExp(`"${k}" must be`) })),
-      { name: 'no such group', config: { ...base, controlGroup: 'dmr-no-such-group' }, code: 1, message: /no group named "dmr-no-such-group"/ },
+      { name: 'no such group', config: { ...base, controlGroup: 'dmr-no-such-group' }, code: 2, message: /no group named "dmr-no-such-group"/ },
       { name: 'state dir is a file', config: { ...base, stateDir: aFile }, code: 1, message: new RegExp(`cannot start: .*${aFile}`) },
       { name: 'state dir under a file', config: { ...base, stateDir: join(aFile, 'state') }, code: 1, message: new RegExp(`cannot start: .*${aFile}`) },
       // Node 20's recursive mkdir loops forever on ENOENT from an existing parent (/proc): the daemon hung, burning CPU, until src/daemon/mkdir.ts.
