@@ -27,7 +27,7 @@ Exit codes:
   2  usage error (unknown option, bad size, bad block number, request refused as malformed)
   3  dm-remapd is not running or its control socket cannot be reached
   4  no device of that name
-  5  in use: the device name exists, main/spare belongs to another device, the device is busy, or the daemon is stopping
+  5  in use: the device name exists, main/spare belongs to another device, its NBD socket is taken, the device is busy, or the daemon is stopping
   6  permission denied (control socket: root or the control group only; or a file's permissions)
   7  metadata refused: spare without metadata (use --format), spare of another main, or corrupt metadata
   8  a main or spare path does not exist

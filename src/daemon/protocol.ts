@@ -67,6 +67,7 @@ export function codeForErrno(errno: number): ErrorCode {
     case ERRNO.ENOTDIR:
       return 'NOT_FOUND';
     case ERRNO.EBUSY:
+    case ERRNO.EADDRINUSE: // an NBD socket or TCP port another server holds
       return 'BUSY';
     case ERRNO.ENODATA:
       return 'NO_METADATA';

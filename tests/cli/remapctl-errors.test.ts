@@ -73,10 +73,10 @@ describe('remapctl error paths against a running daemon', () => {
     expect(r2.stderr).toMatch(/main\.img is already used by device "d0"/);
   });
 
-  it('an NBD socket another device listens on is refused, naming the device and the cause (exit 1); the first export keeps working', async () => {
+  it('an NBD socket another device listens on is refused, naming the device and the cause (exit 5, in use); the first export keeps working', async () => {
     const m3 = img(join(dir, 'main3.img'), 64 << 20);
     const r = await ctl(d.sock, 'add', 'd3', '--main', m3, '--spare-tail', '1M', '--format', '--nbd-unix', nbd);
-    expect(r.code).toBe(1);
+    expect(r.code).toBe(5);
     expect(r.stderr).toMatch(new RegExp(`another server is listening on ${nbd} \\(device d3\\): EADDRINUSE`));
     expect((await ctl(d.sock, 'status', 'd3')).code).toBe(4); // not half-added
     const size = execFileSync('nbdinfo', ['--size', `nbd+unix:///d0?socket=${nbd}`], { encoding: 'utf8' }).trim();
