@@ -165,9 +165,9 @@ function requestVerdict(type: number, flags: number, offset: bigint, length: num
   if (length === 0) return [E.EINVAL];
   if ((type === CMD.READ || type === CMD.WRITE) && length > MAX_PAYLOAD) return [E.EINVAL];
   if (offset >= 1n << 53n) {
-    // Offsets that do not fit a JS number: refused; which of the two errors is
-    // not pinned down (the spec asks ENOSPC for a write past the end).
-    return writes ? [E.EINVAL, E.ENOSPC] : [E.EINVAL];
+    // Offsets that do not fit a JS number are past the end of any export:
+    // ENOSPC for a write (as the spec asks), EINVAL otherwise.
+    return writes ? [E.ENOSPC] : [E.EINVAL];
   }
   if (offset % BigInt(BS) !== 0n || length % BS !== 0) return [E.EINVAL];
   if (offset + BigInt(length) > BigInt(SIZE)) return [writes ? E.ENOSPC : E.EINVAL];

@@ -479,6 +479,10 @@ export class TransmissionSession {
     if ((h.type === NbdCmd.READ || h.type === NbdCmd.WRITE) && h.length > NBD_MAX_PAYLOAD) {
       return new ReplyError(NbdErr.EINVAL, `${cmd()} of ${h.length} bytes exceeds the ${NBD_MAX_PAYLOAD}-byte maximum`);
     }
+    if (h.offset === Number.POSITIVE_INFINITY) {
+      // An offset of 2^53 or more (the parser's Infinity): past the end of any export.
+      return new ReplyError(writes ? NbdErr.ENOSPC : NbdErr.EINVAL, `${cmd()} at an offset of 2^53 or more ends past the export size ${this.backend.sizeBytes}`);
+    }
     if (h.offset % this.minBlock !== 0 || h.length % this.minBlock !== 0) {
       return new ReplyError(NbdErr.EINVAL, `${cmd()} at ${h.offset}+${h.length} is not aligned to the ${this.minBlock}-byte block`);
     }
