@@ -10,6 +10,7 @@ import type { BlockEngine, CloseReport, EngineStatus, ManualRemapResult } from '
 import type { OpenEngineOptions } from '../engine/open.js';
 import type { SpareInfo } from '../engine/spare-pool.js';
 import { ERRNO, RemapError } from '../errors.js';
+import { stackOverlap } from '../engine/stack-overlap.js';
 import { ControlError, DEVICE_NAME, errorBody, type ControlErrorBody } from './protocol.js';
 import { StateFile, type DeviceSpec } from './state.js';
 import { HEALTH_DEFAULTS, HealthTracker, type DeviceHealth, type HealthConfig, type HealthVerdict } from './health.js';
@@ -228,6 +229,15 @@ export class DeviceManager {
     for (const [other, e] of this.devices) {
       const clash = paths.find((p) => e.paths.includes(p));
       if (clash !== undefined) throw new ControlError('BUSY', `${clash} is already used by device "${other}"`);
+      // Another device on the same storage (a partition of its disk, a loop device over its image, ...).
+      for (const p of paths) {
+        for (const q of e.paths) {
+          const c = stackOverlap(q, p);
+          if (c !== null && !c.sameDevice) {
+            throw new ControlError('BUSY', `${p} overlaps ${q}, used by device "${other}": both are stored on ${c.layer} (bytes ${c.b[0]}..${c.b[1]} and ${c.a[0]}..${c.a[1]})`);
+          }
+        }
+      }
     }
     const entry: Entry = { spec, state: 'starting', paths };
     this.devices.set(spec.name, entry);

@@ -12,6 +12,7 @@ import { BackingMetaIO } from './meta-io.js';
 import { describeIdentity, identityOf, sameMain } from './identity.js';
 import { backingRange, readLabel, storageClash, type PoolSpareInput } from './spare-pool.js';
 import { withReliableFua } from './fua-emulation.js';
+import { stackOverlap } from './stack-overlap.js';
 
 export interface OpenEngineOptions {
   /** Device name, used in logs and errors. */
@@ -115,6 +116,7 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
   if (o.blockSize !== undefined && o.blockSize !== 4096 && o.blockSize !== 512) {
     throw new RemapError(ERRNO.EINVAL, `block size ${o.blockSize} must be 4096 or 512`, { device: o.name, op: 'open' });
   }
+  if (o.sparePath !== undefined) refuseStackOverlap(o.name, o.mainPath, o.sparePath);
   const main = withReliableFua(BackingDevice.open(o.mainPath, { direct, readOnly: o.readOnly, exclusive: true, queueDepth: o.queueDepth }));
   let spare: BackingDevice = main;
   const extras: BackingDevice[] = [];
@@ -230,6 +232,21 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
     await cleanup();
     throw err;
   }
+}
+
+/**
+ * A spare on the same storage as the main through another block device (a
+ * partition of the main's disk, the whole disk of a main partition, a loop
+ * device over the main's image): refused before either is opened, so the
+ * error says why instead of the EBUSY the exclusive open would give.
+ * Different paths of the very same device are left to the check after the
+ * open (which tells "is the main itself").
+ */
+function refuseStackOverlap(name: string, mainPath: string, sparePath: string): void {
+  const c = stackOverlap(mainPath, sparePath);
+  if (c === null || c.sameDevice) return;
+  throw new RemapError(ERRNO.EINVAL, `spare ${sparePath} overlaps the main ${mainPath}: both are stored on ${c.layer} `
+    + `(bytes ${c.b[0]}..${c.b[1]} and ${c.a[0]}..${c.a[1]})`, { device: name, op: 'open' });
 }
 
 /**
