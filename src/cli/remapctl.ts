@@ -18,6 +18,7 @@ import { registerScanCommands } from './cmd-scan.js';
 import { registerDdrescueCommands } from './cmd-ddrescue.js';
 import { registerUnremapCommands } from './cmd-unremap.js';
 import { registerSpareCommands, spareLines } from './cmd-spare.js';
+import { registerOpenersCommands } from './cmd-openers.js';
 
 function hostPortArg(v: string): string {
   if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
@@ -145,10 +146,12 @@ function buildProgram(out: { current: Output | null }): Command {
     .description('remove a device within one deadline (default: its metadata timeout)')
     .argument('<name>', 'device name')
     .option('--timeout <ms>', 'deadline for the whole removal', intArg('timeout', 0, 3_600_000))
-    .action(async (name: string, opts: { timeout?: number }, cmd: Command) => {
+    .option('--force', 'remove even when its /dev/ublkbN or /dev/nbdN is mounted or open (refused otherwise, naming the openers; exit 5)')
+    .action(async (name: string, opts: { timeout?: number; force?: boolean }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       const args: Record<string, unknown> = { name };
       if (opts.timeout !== undefined) args.timeoutMs = opts.timeout;
+      if (opts.force === true) args.force = true;
       const r = (await request(g.socket, 'remove', args, (opts.timeout ?? 60_000) + 5_000)) as RemoveReport;
       o.print(removeSummary(r), r);
       if (r.timedOut) o.code = EXIT.FAILED;
@@ -215,6 +218,7 @@ function buildProgram(out: { current: Output | null }): Command {
   registerDdrescueCommands(program, ctx);
   registerUnremapCommands(program, ctx);
   registerSpareCommands(program, ctx);
+  registerOpenersCommands(program, ctx);
   return program;
 }
 

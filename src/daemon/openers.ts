@@ -5,8 +5,9 @@
  * that has any (docs/OPERATION.md "Openers"), naming them, unless --force.
  *
  * Sources, for the device and its partitions:
- *  - mounts: the mountinfo of every mount namespace (/proc/PID/mountinfo,
- *    one PID per namespace), matched on the major:minor field;
+ *  - mounts: the mountinfo of every mount namespace (/proc/self/mountinfo
+ *    for ours, so that paths are seen from our root; /proc/PID/mountinfo of
+ *    one PID per other namespace), matched on the major:minor field;
  *  - open file descriptors: /proc/PID/fd/N whose target is a block device
  *    node with the same device number (only targets under /dev/ are
  *    stat()ed, so a hung FUSE or network file is never touched);
@@ -20,7 +21,7 @@ export interface Opener {
   /** The device or partition held, e.g. '/dev/ublkb0p1'. */
   device: string;
   kind: 'mount' | 'fd' | 'holder' | 'swap';
-  /** The process (fd: the holder; mount: one process of that mount namespace); null when none applies. */
+  /** The process (fd: the holder; mount in another namespace: one process of it); null when none applies. */
   pid: number | null;
   comm: string | null;
   /** Human detail: the mount point, the fd, the holder's name. */
@@ -173,6 +174,15 @@ export async function findOpeners(devices: string[], o: FindOpenersOptions = {})
     ownNs = null;
   }
   const seenNs = new Set<string>();
+  // Our own namespace through our own eyes: mount points relative to our root (a chroot), not pid 1's.
+  if (ownNs !== null) {
+    seenNs.add(ownNs);
+    const mi = await tryRead(`${proc}/self/mountinfo`);
+    for (const m of mi === null ? [] : parseMountinfo(mi)) {
+      const t = byDev(m.major, m.minor);
+      if (t !== undefined) out.push({ device: t.device, kind: 'mount', pid: null, comm: null, detail: `mounted at ${m.mountPoint} (${m.fsType})` });
+    }
+  }
   for (const pid of pids) {
     // mounts, once per mount namespace
     let ns: string | null;

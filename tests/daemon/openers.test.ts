@@ -100,11 +100,13 @@ describe('openers: findOpeners over a /proc and /sys tree', () => {
     l(join(sys, 'block/fake0/fake0p1/holders/dm-3'), '../../../dm-3');
     w(join(sys, 'block/dm-3/dm/name'), 'vg-data\n');
     w(join(proc, 'swaps'), `Filename\tType\tSize\tUsed\tPriority\n${devDir}/fake0p1 partition 100 0 -2\n${devDir}/other partition 100 0 -3\n`);
-    l(join(proc, 'self'), '100');
-    // pid 100: our namespace, the ext4 mount of the partition; fd 3 on an unrelated device, fd 4 on a file
+    l(join(proc, 'self'), '400');
+    // our namespace, seen from our root: the ext4 mount of the partition (pid 100, init, sees it under another root)
+    w(join(proc, '400/mountinfo'), '22 1 0:21 / / rw - tmpfs tmpfs rw\n35 22 250:8 / /mnt/my\\040data rw,relatime shared:9 - ext4 /dev/fake0p1 rw\n');
+    // pid 100: our namespace; fd 3 on an unrelated device, fd 4 on a file
     l(join(proc, '100/ns/mnt'), 'mnt:[4026531841]');
     w(join(proc, '100/comm'), 'init\n');
-    w(join(proc, '100/mountinfo'), '22 1 0:21 / / rw - tmpfs tmpfs rw\n35 22 250:8 / /mnt/my\\040data rw,relatime shared:9 - ext4 /dev/fake0p1 rw\n');
+    w(join(proc, '100/mountinfo'), '22 1 0:21 / / rw - tmpfs tmpfs rw\n35 22 250:8 / /newroot/mnt/my\\040data rw,relatime shared:9 - ext4 /dev/fake0p1 rw\n');
     l(join(proc, '100/fd/3'), `${devDir}/other`);
     l(join(proc, '100/fd/4'), '/etc/hostname');
     // pid 200: same namespace (not read again), holds the whole device open
@@ -137,7 +139,7 @@ describe('openers: findOpeners over a /proc and /sys tree', () => {
       'fd /dev/fake0 200 fio open by pid 200 (fio) as fd 7',
       'holder /dev/fake0p1 - - held by dm-3 (device-mapper vg-data)',
       'mount /dev/fake0 300 systemd-udevd mounted at /run/private (xfs) in the mount namespace of pid 300 (systemd-udevd)',
-      'mount /dev/fake0p1 100 init mounted at /mnt/my data (ext4)',
+      'mount /dev/fake0p1 - - mounted at /mnt/my data (ext4)',
       `swap /dev/fake0p1 - - swap on ${devDir}/fake0p1`,
     ]);
     expect(describeOpeners(got.filter((x) => x.kind === 'fd'))).toBe('/dev/fake0 open by pid 200 (fio) as fd 7');
