@@ -265,9 +265,23 @@ void RunCtrlJob(UblkShared& s, CtrlRing& cr, const UblkCtrlJob& j, UblkCtrlResul
         r.out[1] = di.state;
         r.out[2] = di.ublksrv_pid;
         r.out[3] = static_cast<double>(di.flags & ((1ULL << 52) - 1));
+        r.out[4] = di.nr_hw_queues;
+        r.out[5] = di.queue_depth;
+        r.out[6] = di.max_io_buf_bytes;
       }
       return;
     }
+    // Crash recovery (USER_RECOVERY): START is refused (-EBUSY) until the
+    // old server's /dev/ublkcN is released and the device is QUIESCED; END
+    // waits until every tag has a FETCH_REQ of the new queue threads, then
+    // unquiesces the device (requeued requests are reissued).
+    case kUblkStartRecovery:
+      r.res = CtrlCmd(s, cr, UBLK_CMD_START_USER_RECOVERY, UBLK_U_CMD_START_USER_RECOVERY, c, t);
+      return;
+    case kUblkEndRecovery:
+      c.data[0] = static_cast<uint64_t>(getpid());
+      r.res = CtrlCmd(s, cr, UBLK_CMD_END_USER_RECOVERY, UBLK_U_CMD_END_USER_RECOVERY, c, t);
+      return;
     default:
       r.res = -EINVAL;
   }
@@ -622,10 +636,11 @@ Napi::Value NativeUblk::StartQueues(const Napi::CallbackInfo& info) {
   char path[64];
   snprintf(path, sizeof path, "/dev/ublkc%u", devId);
   // No udev in some environments: the node may appear a little after ADD_DEV.
+  // EBUSY: a crashed server's file is still being released (recovery).
   int fd = -1;
   for (int i = 0; i < 200; ++i) {
     fd = ::open(path, O_RDWR | O_CLOEXEC);
-    if (fd >= 0 || errno != ENOENT) break;
+    if (fd >= 0 || (errno != ENOENT && errno != EBUSY)) break;
     usleep(10000);
   }
   if (fd < 0) return Napi::Number::New(env, -errno);

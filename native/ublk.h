@@ -38,6 +38,8 @@ enum UblkCtrlOp : int {
   kUblkDel = 5,
   kUblkJoinQueues = 6,
   kUblkGetInfo = 7,
+  kUblkStartRecovery = 8,
+  kUblkEndRecovery = 9,
 };
 
 struct UblkCtrlJob {

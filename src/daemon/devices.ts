@@ -21,11 +21,12 @@ export type { DeviceSpec } from './state.js';
 export interface ExportHandle {
   readonly endpoints: string[];
   connectionCount(): number;
-  close(deadlineMs: number): Promise<{ connectionsClosed: number }>;
+  /** reason 'shutdown' (daemon stop): a ublk device with USER_RECOVERY is left to the next daemon instead of deleted. */
+  close(deadlineMs: number, reason?: 'remove' | 'shutdown'): Promise<{ connectionsClosed: number }>;
 }
 
 /** Starts the export of a device, or returns null when the spec asks for none. */
-export type ExportStarter = (engine: BlockEngine, spec: DeviceSpec, logger: Logger) => Promise<ExportHandle | null>;
+export type ExportStarter = (engine: BlockEngine, spec: DeviceSpec, logger: Logger, ctx?: { stateDir?: string }) => Promise<ExportHandle | null>;
 export type EngineOpener = (o: OpenEngineOptions) => Promise<BlockEngine>;
 
 /** Attaches the kernel NBD client for `spec.nbdDevice` (src/frontends/nbd-kernel); loaded only when asked for. */
@@ -37,18 +38,11 @@ export const attachKernelNbd: ExportStarter = async (engine, spec, logger) => {
 };
 
 /** Serves the device as /dev/ublkbN for `spec.ublk` (src/frontends/ublk); loaded only when asked for. */
-export const attachKernelUblk: ExportStarter = async (engine, spec, logger) => {
+/** With ctx.stateDir, a restarted daemon recovers (or deletes) the device of the previous one (docs/UBLK.md "Crash recovery"). */
+export const attachKernelUblk: ExportStarter = async (engine, spec, logger, ctx) => {
   if (spec.ublk !== true) return null;
-  const { attachUblkDevice } = await import('../frontends/ublk/index.js');
-  const a = await attachUblkDevice(engine, { readOnly: spec.readOnly, logger: logger.child({ device: spec.name }) });
-  return {
-    endpoints: [a.device],
-    connectionCount: () => 1,
-    close: async (ms) => {
-      await a.detach(ms);
-      return { connectionsClosed: 0 };
-    },
-  };
+  const { startUblkExport } = await import('../frontends/ublk/index.js');
+  return startUblkExport(engine, spec, logger, ctx);
 };
 
 /** Both handles as one: closed in parallel within the same deadline. */
@@ -57,8 +51,8 @@ function joinExports(a: ExportHandle | null, b: ExportHandle | null): ExportHand
   return {
     endpoints: [...a.endpoints, ...b.endpoints],
     connectionCount: () => a.connectionCount() + b.connectionCount(),
-    close: async (ms) => {
-      const [x, y] = await Promise.all([a.close(ms), b.close(ms)]);
+    close: async (ms, reason) => {
+      const [x, y] = await Promise.all([a.close(ms, reason), b.close(ms, reason)]);
       return { connectionsClosed: x.connectionsClosed + y.connectionsClosed };
     },
   };
@@ -284,7 +278,7 @@ export class DeviceManager {
       }
       if (spec.ublk === true) {
         try {
-          entry.exp = joinExports(entry.exp, await (this.o.attachUblk ?? attachKernelUblk)(engine, spec, this.log));
+          entry.exp = joinExports(entry.exp, await (this.o.attachUblk ?? attachKernelUblk)(engine, spec, this.log, { stateDir: this.o.stateDir }));
         } catch (err) {
           await entry.exp?.close(this.timeoutOf(spec)).catch(() => undefined);
           await engine.close(this.timeoutOf(spec)).catch(() => undefined);
@@ -471,7 +465,7 @@ export class DeviceManager {
     const report = { ...base };
     const work = (async (): Promise<void> => {
       if (exp !== null) {
-        const r = await exp.close(deadlineMs).catch((err: unknown) => {
+        const r = await exp.close(deadlineMs, this.shuttingDown ? 'shutdown' : 'remove').catch((err: unknown) => {
           log.warn({ event: 'export-close-failed', error: errorBody(err) }, 'closing the export failed');
           return { connectionsClosed: 0 };
         });

@@ -17,12 +17,36 @@ export const UblkCtrlOp = {
   DEL: 5,
   JOIN_QUEUES: 6,
   GET_INFO: 7,
+  START_RECOVERY: 8,
+  END_RECOVERY: 9,
 } as const;
 export type UblkCtrlOpCode = (typeof UblkCtrlOp)[keyof typeof UblkCtrlOp];
 
 const OP_NAMES: Record<number, string> = {
   0: 'GET_FEATURES', 1: 'ADD_DEV', 2: 'SET_PARAMS', 3: 'START_DEV', 4: 'STOP_DEV', 5: 'DEL_DEV', 6: 'join queue threads', 7: 'GET_DEV_INFO',
+  8: 'START_USER_RECOVERY', 9: 'END_USER_RECOVERY',
 };
+
+/** ublksrv_ctrl_dev_info.state. */
+export const UBLK_STATE = { DEAD: 0, LIVE: 1, QUIESCED: 2 } as const;
+
+/** What GET_DEV_INFO tells of a device. */
+export interface UblkDevInfo {
+  devId: number;
+  /** UBLK_STATE. */
+  state: number;
+  /** The server that started (or recovered) it; -1 once stopped. */
+  pid: number;
+  flags: number;
+  queues: number;
+  depth: number;
+  maxIoBytes: number;
+}
+
+/** GET_DEV_INFO's ctrl result as a UblkDevInfo (out as filled by native/ublk.cc). */
+export function devInfoOf(devId: number, out: number[]): UblkDevInfo {
+  return { devId, state: out[1], pid: out[2], flags: out[3], queues: out[4], depth: out[5], maxIoBytes: out[6] };
+}
 
 /** Feature bits (UBLK_F_*, include/uapi/linux/ublk_cmd.h). */
 export const UBLK_F = {
