@@ -4,6 +4,8 @@ set -u
 FAILS=0
 PROJECT=${DMR_PROJECT:-$(cd "$(dirname "$0")/../.." && pwd)}
 KROOT=${DMR_VM_KROOT:?not in the dm-remapd test guest}
+# Settings passed from the host (vm.sh writes every DMR_GUEST_* variable to the run folder)
+if [ -n "${DMR_VM_RUN:-}" ] && [ -f "$DMR_VM_RUN/env" ]; then . "$DMR_VM_RUN/env"; fi
 up() { cut -d' ' -f1 /proc/uptime; }
 el() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2fs", b-a}'; }
 pass() { echo "RESULT $1 PASS ${2:-}"; }

@@ -18,6 +18,8 @@
 # (host-side kill, default 300 s), DMR_VM_GUEST_TIMEOUT (default: host - 20),
 # DMR_VM_MEM (2G), DMR_VM_SMP (2), DMR_VM_ACCEL (tcg|kvm), DMR_VM_REFRESH=1
 # (fetch the kernel again), DMR_VM_QUIET=1 (console only in the log file).
+# Every DMR_GUEST_* variable is passed to the guest script (e.g.
+# DMR_GUEST_CYCLES=100 for guest-matrix-*.sh).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${DMR_VM_CACHE:-/var/tmp/dm-remapd-vm}
@@ -147,6 +149,8 @@ run_guest() {
 	{ ls -1dt "$CACHE"/runs/* 2>/dev/null || true; } | tail -n +6 | xargs -r rm -rf
 	run=$(mktemp -d "$CACHE/runs/$(date +%Y%m%d-%H%M%S)-XXXX")
 	chmod 755 "$run"
+	# DMR_GUEST_* settings reach the guest script through the run folder (lib.sh sources it)
+	for v in $(compgen -v DMR_GUEST_ || true); do printf 'export %s=%q\n' "$v" "${!v}"; done >"$run/env"
 	log="$run/console.log"
 	kv=$(cat "$CACHE/kernel/KV")
 	host_to=${DMR_VM_TIMEOUT:-300}
