@@ -6,13 +6,15 @@
 //  - after each of those, DMR_CC_SUBSETS random subsets of the data entries
 //    that follow it up to the next FLUSH entry (a disk may persist any subset
 //    of unflushed writes), a quarter of the multi-block ones torn at 4 KiB.
-// Each state (main.img + spare.img in WORKDIR): `remapctl inspect` (its
-// function in-process for every state, the remapctl process itself for
-// DMR_CC_CLI of them) says the metadata is valid; the offline reduce maps no
-// spare block twice; the engine opens it (allowIdentityChange: the main is
-// now a file), counts what inspect counts, and every remap acknowledged
-// before the last completed flush (the last `flush-N` mark in the state) is
-// in its table; every block reads back whole, holding its last durable write
+// Each state (replay-main.img + replay-spare.img in WORKDIR): `remapctl
+// inspect` (its function in-process for every state, the remapctl process
+// itself for DMR_CC_CLI of them and the whole log) says the metadata is
+// valid; the engine opens it (allowIdentityChange: the main is now a file;
+// read-only, so the files stay as replayed, except for the remapctl-process
+// states where it opens read-write as a restart would), counts what inspect
+// counts, maps no spare block twice, and every remap acknowledged before the
+// last completed flush (the last `flush-N` mark in the state) is in its
+// table; every block reads back whole, holding its last durable write
 // or a write issued after it (durable: acknowledged before flush N began,
 // or acknowledged before mark N with FUA or as the write that remapped a
 // block under an error segment, whose data and commit are synced first).
@@ -24,7 +26,7 @@
 //
 // Exit 0 when every state passed. The last line printed holds the figures.
 import { spawnSync } from 'node:child_process';
-import { closeSync, fstatSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LOG_FLUSH, LOG_FUA, applyEntry, changesData, parseLogWrites } from './log-writes.mjs';
@@ -42,7 +44,7 @@ const SPARE = Number(spareArg);
 const BS = 4096;
 const BLOCKS = MAIN / BS;
 const SUBSETS = Number(process.env.DMR_CC_SUBSETS ?? 1);
-const CLI_STATES = Number(process.env.DMR_CC_CLI ?? 3);
+const CLI_STATES = Number(process.env.DMR_CC_CLI ?? 2);
 let seed = Number(process.env.DMR_CC_SEED ?? 20261125) >>> 0;
 const rand = (n) => { seed = (seed * 1103515245 + 12345) >>> 0; return (seed >>> 16) % n; };
 const errorBlocks = new Set((errArg ?? '').split(',').filter((x) => x !== '').map(Number));
@@ -136,7 +138,7 @@ if (!manual.some((m) => m.results.some((r) => r.result === 'remapped'))) fail('w
 const lastFlush = Math.max(...markEntry.keys());
 
 // ------------------------------------------------------------ one state
-const fig = { same: 0, prefix: 0, subsets: 0, torn: 0, preReady: 0, cli: 0, blocks: 0, blocksDurable: 0, blocksLater: 0, remapsPresent: 0, finalExact: 0, maxRemapped: 0 };
+const fig = { rw: 0, same: 0, prefix: 0, subsets: 0, torn: 0, preReady: 0, cli: 0, blocks: 0, blocksDurable: 0, blocksLater: 0, remapsPresent: 0, finalExact: 0, maxRemapped: 0 };
 const preReady = {};
 
 const ZERO = Buffer.alloc(BS);
@@ -178,18 +180,56 @@ function allowedNow(b, n) {
   return { vals, durable: d >= 0 ? list[d].tag + (b - list[d].block) : null };
 }
 
-const spent = { write: 0, inspect: 0, cli: 0, reduce: 0, open: 0, read: 0, close: 0 };
+const spent = { write: 0, inspect: 0, cli: 0, open: 0, table: 0, read: 0, close: 0 };
 let tick = 0;
 const lap = (k) => { const now = performance.now(); spent[k] += now - tick; tick = now; };
-async function checkState(image, label, n, cli) {
+
+// The replay files stay between states: only the 4 KiB chunks that differ
+// from what they hold are written (`onDisk` mirrors them; null: unknown,
+// write everything). Most states open the engine read-only, so it cannot
+// change them; the `full` ones (the remapctl-process picks and the whole log)
+// open it read-write, as a restart would, and the mirror is dropped after.
+writeFileSync(mainFile, Buffer.alloc(0));
+writeFileSync(spareFile, Buffer.alloc(0));
+const fdMain = openSync(mainFile, 'r+');
+const fdSpare = openSync(spareFile, 'r+');
+let onDisk = null;
+let bytesWritten = 0;
+function putRange(image, from, to) {
+  for (const [fd, base, end] of [[fdMain, 0, MAIN], [fdSpare, MAIN, MAIN + SPARE]]) {
+    const a = Math.max(from, base);
+    const b = Math.min(to, end);
+    let done = 0;
+    while (a + done < b) done += writeSync(fd, image, a + done, b - a - done, a + done - base);
+    bytesWritten += Math.max(0, b - a);
+  }
+}
+function syncFiles(image) {
+  if (onDisk === null) {
+    putRange(image, 0, image.length);
+    onDisk = Buffer.from(image);
+    return;
+  }
+  let run = -1;
+  for (let off = 0; off <= image.length; off += BS) {
+    const differs = off < image.length && image.compare(onDisk, off, off + BS, off, off + BS) !== 0;
+    if (differs && run < 0) run = off;
+    if (!differs && run >= 0) {
+      putRange(image, run, off);
+      image.copy(onDisk, run, run, off);
+      run = -1;
+    }
+  }
+}
+
+async function checkState(image, label, n, full) {
   tick = performance.now();
-  writeFileSync(mainFile, image.subarray(0, MAIN));
-  writeFileSync(spareFile, image.subarray(MAIN, MAIN + SPARE));
+  syncFiles(image);
   lap('write');
   const r = await inspectPath(spareFile);
   lap('inspect');
   if (!r.ok) { fail(label, `remapctl inspect: metadata not valid: ${r.error?.message}`); return; }
-  if (cli) {
+  if (full) {
     fig.cli++;
     const p = spawnSync(process.execPath, [REMAPCTL, 'inspect', spareFile, '--json'], { encoding: 'utf8' });
     let j = null;
@@ -198,34 +238,44 @@ async function checkState(image, label, n, cli) {
     else if (JSON.stringify(j.counts) !== JSON.stringify(r.counts)) fail(label, `remapctl inspect counts ${JSON.stringify(j.counts)}, in-process ${JSON.stringify(r.counts)}`);
     lap('cli');
   }
-  const io = await FileMetaIO.open(spareFile, { readOnly: true });
-  let state;
-  try { state = reduce((await loadSpare(io)).records); } finally { await io.close(); }
-  const dup = doubleMappedSpares(state);
-  if (dup.length > 0) fail(label, `spare blocks mapped twice: ${dup.slice(0, 10).join(', ')}`);
-  // remaps acknowledged before mark n went in
-  const msLine = markLine.get(n);
-  const mustMap = new Set();
-  for (const m of manual) if (m.line < msLine) for (const x of m.results) if (x.result === 'remapped' || x.result === 'already-remapped') mustMap.add(x.block);
-  for (const [b, w] of remappingWrite) if (w.acked < msLine) mustMap.add(b);
-  for (const b of mustMap) if (!state.remaps.has(b)) fail(label, `block ${b}: remap acknowledged before flush ${n} completed is missing`);
-  lap('reduce');
   let engine;
   try {
-    engine = await openEngine({ name: 'replay', mainPath: mainFile, sparePath: spareFile, allowIdentityChange: true, metadataTimeoutMs: 60_000 });
+    engine = await openEngine({ name: 'replay', mainPath: mainFile, sparePath: spareFile, allowIdentityChange: true, readOnly: !full, metadataTimeoutMs: 60_000 });
   } catch (e) {
     fail(label, `the engine refuses to open: ${e?.message ?? e}`);
+    // what the offline view says about it
+    const io = await FileMetaIO.open(spareFile, { readOnly: true });
+    try {
+      const dup = doubleMappedSpares(reduce((await loadSpare(io)).records));
+      if (dup.length > 0) fail(label, `spare blocks mapped twice: ${dup.slice(0, 10).join(', ')}`);
+    } catch (e2) {
+      fail(label, `offline load: ${e2?.message ?? e2}`);
+    } finally {
+      await io.close();
+    }
     return;
   }
+  if (full) fig.rw++;
   lap('open');
   try {
+    // the table the engine loaded: no spare block twice, every remap acknowledged before mark n
+    const state = reduce(engine.snapshotRecords());
+    const dup = doubleMappedSpares(state);
+    if (dup.length > 0) fail(label, `spare blocks mapped twice: ${dup.slice(0, 10).join(', ')}`);
     const st = engine.status();
-    fig.maxRemapped = Math.max(fig.maxRemapped, st.remappedBlocks);
-    if (st.remappedBlocks !== r.counts.remapped || st.pendingBlocks !== r.counts.pending) {
+    if (st.remappedBlocks !== r.counts.remapped || st.pendingBlocks !== r.counts.pending || state.remaps.size !== r.counts.remapped) {
       fail(label, `engine counts remapped ${st.remappedBlocks} pending ${st.pendingBlocks}, inspect ${r.counts.remapped} / ${r.counts.pending}`);
     }
-    for (const b of mustMap) { if (engine.lookup(b) < 0) fail(label, `block ${b}: the engine does not map it`); else fig.remapsPresent++; }
-    const CH = 64;
+    const msLine = markLine.get(n);
+    const mustMap = new Set();
+    for (const m of manual) if (m.line < msLine) for (const x of m.results) if (x.result === 'remapped' || x.result === 'already-remapped') mustMap.add(x.block);
+    for (const [b, w] of remappingWrite) if (w.acked < msLine) mustMap.add(b);
+    for (const b of mustMap) {
+      if (!state.remaps.has(b) || engine.lookup(b) < 0) fail(label, `block ${b}: remap acknowledged before flush ${n} completed is missing`);
+      else fig.remapsPresent++;
+    }
+    lap('table');
+    const CH = 256;
     const buf = allocAligned(CH * BS);
     for (let b0 = 0; b0 < BLOCKS; b0 += CH) {
       const nb = Math.min(CH, BLOCKS - b0);
@@ -250,6 +300,7 @@ async function checkState(image, label, n, cli) {
     lap('read');
   } finally {
     await engine.close();
+    if (full) onDisk = null;
     lap('close');
   }
 }
@@ -311,7 +362,7 @@ for (const e of entries) {
   checkedMark = mark;
   if (mark < 0) {
     // before the engine's open returned (format in progress): nothing was promised yet; tally what inspect says
-    writeFileSync(spareFile, image.subarray(MAIN, MAIN + SPARE));
+    syncFiles(image);
     const r = await inspectPath(spareFile);
     const k = r.ok ? 'valid' : r.error?.errnoName ?? 'error';
     preReady[k] = (preReady[k] ?? 0) + 1;
@@ -358,11 +409,11 @@ const manualRemapped = manual.reduce((s, m) => s + m.results.filter((x) => x.res
 if (SABOTAGE !== '') process.stdout.write(`SABOTAGE ${SABOTAGE}: ${sabotaged} log entries never applied\n`);
 for (const f of failures.slice(0, 25)) process.stdout.write(`FAIL ${f}\n`);
 if (failures.length > 25) process.stdout.write(`... ${failures.length - 25} more failures\n`);
-process.stdout.write(`time per part (s): ${Object.entries(spent).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')}\n`);
+process.stdout.write(`time per part (s): ${Object.entries(spent).map(([k, v]) => `${k} ${(v / 1000).toFixed(1)}`).join(', ')}; replay files: ${(bytesWritten / 1048576).toFixed(0)} MiB written\n`);
 process.stdout.write(`during the format (before the open returned): ${fig.preReady} FLUSH/FUA points, inspect: ${JSON.stringify(preReady)}\n`);
 process.stdout.write(`crash consistency: states checked ${states} (prefixes at FLUSH/FUA points ${fig.prefix}, random subsets after them ${fig.subsets} with ${fig.torn} torn writes; `
   + `${fig.same} points repeating the state before skipped), `
-  + `remapctl inspect processes ${fig.cli}; log entries ${entries.length} (FLUSH ${count.flush}, FUA ${count.fua}, marks ${count.marks}); `
+  + `remapctl inspect processes ${fig.cli} (the engine opened read-write there, read-only elsewhere: ${fig.rw}); log entries ${entries.length} (FLUSH ${count.flush}, FUA ${count.fua}, marks ${count.marks}); `
   + `writes acknowledged ${acked}, flushes ${lastFlush}, remaps automatic ${remappingWrite.size} manual ${manualRemapped}; `
   + `block checks ${fig.blocks} (holding the durable write ${fig.blocksDurable}, a later one ${fig.blocksLater}), acknowledged remaps found ${fig.remapsPresent}, `
   + `final blocks exact ${fig.finalExact}; failures ${failures.length}; ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);

@@ -12,7 +12,7 @@
 #     writes after each; every state through remapctl inspect and the engine.
 # Sizes: DMR_GUEST_CC_SECONDS (workload, 3), DMR_GUEST_CC_SUBSETS (random
 # subsets per point, 1), DMR_GUEST_CC_CLI (states also inspected by a
-# remapctl process, 6), DMR_GUEST_CC_SEED; DMR_GUEST_CC_SABOTAGE=journal|data
+# remapctl process, 3), DMR_GUEST_CC_SEED; DMR_GUEST_CC_SABOTAGE=journal|data
 # (negative control: the replay drops journal commits or main writes, and
 # the check must fail).
 . "$(dirname "$0")/lib.sh"
@@ -26,7 +26,7 @@ SPARE=$((8 * 1024 * 1024))
 BLOCKS=$((MAIN / 4096))
 # main blocks under `error` segments (single blocks and runs)
 ERR="17,18,19,64,130,131,200,256,257,258,259,333,400,512,513,600,701,702,777,850,901,960,1000,1023"
-echo "seed $SEED, workload ${SECONDS_RUN}s, subsets ${DMR_GUEST_CC_SUBSETS:-1}, cli ${DMR_GUEST_CC_CLI:-6}"
+echo "seed $SEED, workload ${SECONDS_RUN}s, subsets ${DMR_GUEST_CC_SUBSETS:-1}, cli ${DMR_GUEST_CC_CLI:-3}"
 
 section modules
 check modprobe modules dm-mod dm-log-writes loop
@@ -89,7 +89,7 @@ fi
 
 section replay
 T=$(up)
-DMR_CC_SUBSETS=${DMR_GUEST_CC_SUBSETS:-1} DMR_CC_CLI=${DMR_GUEST_CC_CLI:-6} DMR_CC_SEED=$SEED DMR_CC_SABOTAGE=${DMR_GUEST_CC_SABOTAGE:-} \
+DMR_CC_SUBSETS=${DMR_GUEST_CC_SUBSETS:-1} DMR_CC_CLI=${DMR_GUEST_CC_CLI:-3} DMR_CC_SEED=$SEED DMR_CC_SABOTAGE=${DMR_GUEST_CC_SABOTAGE:-} \
 	node "$HERE/crash-check.mjs" $W/log.img $W/work.log $MAIN $SPARE "$ERR" $W "$LOGBYTES" >$W/check.out 2>&1
 RC=$?
 cat $W/check.out
