@@ -11,8 +11,10 @@
 #  3. fallback, recovery disabled (DM_REMAPD_UBLK_RECOVERY=0): a device added
 #     without recovery, kill -9, restart: the stale device is deleted (no
 #     orphan /dev/ublkcN), a new one is added, the data written before the
-#     crash reads back. Then the recovery device of 1-2 restarted with
-#     recovery disabled: deleted and replaced, no orphan.
+#     crash reads back. Then the recovery device of 1-2, after kill -9:
+#     a restart whose recovery fails half-way (test hook) cleans it up and
+#     adds a new one; a restart with recovery disabled deletes and replaces
+#     it; no orphan either time.
 #  4. remove everything; no /dev/ublkcN left; `modprobe -r ublk_drv` succeeds.
 . "$(dirname "$0")/lib.sh"
 
@@ -186,6 +188,19 @@ check f-reads-back sh -c "dd if=$FDEV2 of=$W/f.back bs=1M count=8 iflag=direct s
 EXPECT=$(printf 'ublkc%s\n' ${B#ublkb} ${FDEV2#/dev/ublkb} | sort | tr '\n' ' ')
 check no-orphan-after-fallback [ "$(ublkc_list)" = "$EXPECT" ]
 echo "ublk-char: $(ublkc_list)"
+
+# a recovery that fails half-way (queues started, then an error): cleaned up, a new device
+kill -KILL $DPID
+wait $DPID 2>/dev/null
+DPID=
+T=$(up)
+if spawn $W/state "$SOCK" DM_REMAPD_UBLK_TEST_FAIL_RECOVERY=1; then DPID=$LASTPID; pass daemon-restart-failing "$(el "$T")"; else fail daemon-restart-failing ""; finish; fi
+grep -E '"ublk-recovery-failed"|"ublk-stale-deleted"' $LASTLOG | tail -n2
+grep -q '"ublk-recovery-failed"' $LASTLOG && grep '"ublk-stale-deleted"' $LASTLOG | grep -q 'its recovery failed' && pass failed-recovery-cleaned "" || fail failed-recovery-cleaned "no ublk-recovery-failed + ublk-stale-deleted lines"
+RDEV=$(ctl status r0 --json | json 'v.exports.find((e)=>e.startsWith("/dev/ublkb"))')
+echo "r0 now on $RDEV, ublk-char: $(ublkc_list)"
+check fsck-after-failed-recovery e2fsck -fn "$RDEV"
+check no-orphan-after-failed-recovery [ "$(ublkc_list | wc -w)" -eq 2 ]
 
 # the recovery device, restarted with recovery disabled: deleted and replaced
 kill -KILL $DPID

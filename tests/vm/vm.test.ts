@@ -57,8 +57,8 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
   }, 300_000);
 
   it('ublk crash recovery: kill -9 and SIGTERM under fio on a mounted /dev/ublkb0, same device recovered, verify passes, fsck clean; without recovery no orphan ublkc', async (ctx) => {
-    // 5 daemon starts (node over 9p: 8-20 s each under TCG) and two fio runs: ~4-5 min on a loaded 2-core host.
-    const r = await runGuest('guest-ublk-recovery.sh', 400);
+    // 7 daemon starts (node over 9p: 8-25 s each under TCG) and two fio runs: 290-340 s of guest on a loaded 2-core host.
+    const r = await runGuest('guest-ublk-recovery.sh', 480);
     if (r.code === 77) {
       console.warn(`\n*** VM TEST SKIPPED: QEMU cannot run on this machine ***\n${r.out}`);
       ctx.skip();
@@ -69,7 +69,7 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
     console.log(results.join('\n'));
     if (r.code !== 0) console.log(`guest console: ${logLine}`);
     expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
-  }, 420_000);
+  }, 500_000);
 
   // tests/vm/guest-matrix.sh, once per frontend: fio verify, openers refused, removal during a
   // metadata write and during error recovery, remove --force, add/remove cycles with flat figures
@@ -89,4 +89,19 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
       expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
     }, 500_000); // ~150 s on an idle host, 310 s measured with a load average of 11
   }
+
+  // tests/vm/guest-crash.sh (docs/RELIABILITY.md): main and spare on one dm-log-writes log, the
+  // log replayed at every FLUSH/FUA point and random (torn) subsets after each
+  it('crash consistency with dm-log-writes: every replayed state valid in remapctl inspect and the engine, acknowledged remaps and data present', async (ctx) => {
+    const r = await runGuest('guest-crash.sh', 480);
+    if (r.code === 77) {
+      console.warn(`\n*** VM TEST SKIPPED: QEMU cannot run on this machine ***\n${r.out}`);
+      ctx.skip();
+      return;
+    }
+    const logLine = /log (\S+console\.log)/.exec(r.out)?.[1] ?? '(no log)';
+    console.log(r.out.split('\n').filter((l) => /^(VM-TIMING|vm\.sh:|RESULT|VMTEST|FAIL|crash consistency:)/.test(l)).join('\n'));
+    expect(r.out.match(/^RESULT \S+ FAIL.*$/gm) ?? [], `failed checks; console log: ${logLine}`).toEqual([]);
+    expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
+  }, 500_000);
 });

@@ -355,6 +355,10 @@ async function recover(srv: Server, engine: BlockEngine, info: UblkDevInfo, prev
   const r = srv.startQueues(devId, userCopy, c.useIoctl);
   if (r < 0) throw new RemapError(-r, `cannot start the queue threads of /dev/ublkc${devId}`, { device: name, op: 'ublk-recover' });
   const tQueues = Date.now();
+  // Test hook (tests/vm/guest-ublk-recovery.sh): a recovery failing with its queues started, to exercise the cleanup.
+  if (process.env.DM_REMAPD_UBLK_TEST_FAIL_RECOVERY === '1') {
+    throw new RemapError(ERRNO.EIO, `ublk recovery of ublk ${devId} failed on purpose (DM_REMAPD_UBLK_TEST_FAIL_RECOVERY=1)`, { device: name, op: 'ublk-recover' });
+  }
   // Returns once every tag has a FETCH_REQ; the device is live again and the
   // requests held since the crash are reissued to this process.
   await srv.native.ctrl(UblkCtrlOp.END_RECOVERY, devId, t, [], name);
