@@ -210,16 +210,24 @@ function syncFiles(image) {
     onDisk = Buffer.from(image);
     return;
   }
+  const SPAN = 64 * 1024;
   let run = -1;
-  for (let off = 0; off <= image.length; off += BS) {
-    const differs = off < image.length && image.compare(onDisk, off, off + BS, off, off + BS) !== 0;
-    if (differs && run < 0) run = off;
-    if (!differs && run >= 0) {
-      putRange(image, run, off);
-      image.copy(onDisk, run, run, off);
-      run = -1;
+  const flush = (to) => {
+    if (run < 0) return;
+    putRange(image, run, to);
+    image.copy(onDisk, run, run, to);
+    run = -1;
+  };
+  for (let span = 0; span < image.length; span += SPAN) {
+    const spanEnd = Math.min(image.length, span + SPAN);
+    if (image.compare(onDisk, span, spanEnd, span, spanEnd) === 0) { flush(span); continue; }
+    for (let off = span; off < spanEnd; off += BS) {
+      const differs = image.compare(onDisk, off, off + BS, off, off + BS) !== 0;
+      if (differs && run < 0) run = off;
+      if (!differs) flush(off);
     }
   }
+  flush(image.length);
 }
 
 async function checkState(image, label, n, full) {

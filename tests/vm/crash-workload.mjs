@@ -3,7 +3,10 @@
 // are dm-linear segments of one dm-log-writes target, so that the log orders
 // every write of both; main has dm `error` segments, so writes remap.
 //
-//   node crash-workload.mjs MAIN SPARE WORKLOG SECONDS SEED LOGDM ERRBLOCKS
+//   node crash-workload.mjs MAIN SPARE WORKLOG WRITES SEED LOGDM ERRBLOCKS
+//
+// The run is sized by work, not time (the guest's speed varies tenfold with
+// the host's load): it stops after WRITES acknowledged writes.
 //
 // ERRBLOCKS: comma-separated main blocks (4 KiB) under `error` segments; the
 // manual remapper leaves them alone (reading them would only make them
@@ -14,8 +17,8 @@
 // FUA write when it completes but a plain one only at the next flush, so a
 // plain write still unflushed when a FUA write to the same block completes
 // would come after it in the log, and a replay would put the older data on
-// top. A flusher flushes every 30-200 ms; a remapper
-// remaps 1 or 2 random blocks by hand (engine.remapBlocks) every 50-250 ms.
+// top. A flusher flushes after every 10-50 acknowledged writes; a remapper
+// remaps 1 or 2 random blocks by hand (engine.remapBlocks) after every 20-70.
 // After each completed flush a dm-log-writes mark `flush-N` goes into the
 // log (`dmsetup message LOGDM 0 mark flush-N`), after the open `ready`.
 // Everything is logged to WORKLOG, one line each, synchronously:
@@ -31,7 +34,7 @@ import { openEngine } from '../../dist/src/engine/open.js';
 import { allocAligned } from '../../dist/src/native/backing.js';
 
 const run = promisify(execFile);
-const [mainPath, sparePath, logPath, secondsArg, seedArg, logDm, errArg] = process.argv.slice(2);
+const [mainPath, sparePath, logPath, writesArg, seedArg, logDm, errArg] = process.argv.slice(2);
 const log = openSync(logPath, 'w');
 const line = (s) => writeSync(log, `${s}\n`);
 const BS = 4096;
@@ -48,10 +51,20 @@ async function mark(n) {
 const engine = await openEngine({ name: 'cc', mainPath, sparePath, format: true, journalBytes: 64 * 1024, metadataTimeoutMs: 60_000 });
 const blocks = engine.status().sizeBytes / BS;
 await mark(0);
-process.stdout.write(`workload: ${blocks} blocks, ${errorBlocks.size} under error segments, ${secondsArg} s\n`);
+process.stdout.write(`workload: ${blocks} blocks, ${errorBlocks.size} under error segments, ${writesArg} writes\n`);
 
-const stopAt = Date.now() + Number(secondsArg) * 1000;
+const WRITES = Number(writesArg);
 let stop = false;
+// waiters on the number of acknowledged writes
+const waiters = [];
+function afterWrites(n) {
+  return new Promise((resolve) => { if (writes >= n || stop) resolve(); else waiters.push({ n, resolve }); });
+}
+function wake() {
+  for (let i = waiters.length - 1; i >= 0; i--) {
+    if (writes >= waiters[i].n || stop) { waiters[i].resolve(); waiters.splice(i, 1); }
+  }
+}
 let tag = 1;
 const busy = new Set();
 // event clock: when each block's last write was acknowledged, and when the
@@ -86,9 +99,12 @@ async function worker() {
       clock++;
       for (let k = 0; k < count; k++) ackedAt[block + k] = clock;
       writes++;
+      if (writes >= WRITES) stop = true;
+      wake();
     } catch (e) {
       line(`E ${t} ${String(e?.message ?? e).replace(/\n/g, ' ')}`);
       errors++;
+      if (errors > 20) { stop = true; wake(); }
     }
     for (let k = 0; k < count; k++) busy.delete(block + k);
   }
@@ -112,7 +128,7 @@ async function flushOnce() {
 }
 async function flusher() {
   while (!stop) {
-    await new Promise((r) => setTimeout(r, 30 + rand(170)));
+    await afterWrites(writes + 10 + rand(41));
     if (!stop) await flushOnce();
   }
 }
@@ -120,7 +136,7 @@ async function flusher() {
 let remapId = 0;
 async function remapper() {
   while (!stop) {
-    await new Promise((r) => setTimeout(r, 50 + rand(200)));
+    await afterWrites(writes + 20 + rand(51));
     if (stop) break;
     const want = [];
     const n = 1 + rand(2);
@@ -140,7 +156,6 @@ async function remapper() {
   }
 }
 
-const timer = setInterval(() => { if (Date.now() >= stopAt) { stop = true; clearInterval(timer); } }, 20);
 await Promise.all([worker(), worker(), worker(), worker(), flusher(), remapper()]);
 // Everything acknowledged so far must be in the final state: one last flush and mark.
 await flushOnce();

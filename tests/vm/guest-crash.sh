@@ -10,23 +10,24 @@
 #  3. The target is torn down and crash-check.mjs replays the log: the prefix
 #     up to every FLUSH/FUA entry, and random subsets (some torn) of the
 #     writes after each; every state through remapctl inspect and the engine.
-# Sizes: DMR_GUEST_CC_SECONDS (workload, 3), DMR_GUEST_CC_SUBSETS (random
+# Sizes: DMR_GUEST_CC_WRITES (acknowledged writes of the workload, 600),
+# DMR_GUEST_CC_SUBSETS (random
 # subsets per point, 1), DMR_GUEST_CC_CLI (states also inspected by a
-# remapctl process, 3), DMR_GUEST_CC_SEED; DMR_GUEST_CC_SABOTAGE=journal|data
+# remapctl process, 2, plus the whole log), DMR_GUEST_CC_SEED; DMR_GUEST_CC_SABOTAGE=journal|data
 # (negative control: the replay drops journal commits or main writes, and
 # the check must fail).
 . "$(dirname "$0")/lib.sh"
 HERE="$PROJECT/tests/vm"
 W=/tmp/dmrcc
 mkdir -p $W
-SECONDS_RUN=${DMR_GUEST_CC_SECONDS:-3}
+WRITES=${DMR_GUEST_CC_WRITES:-600}
 SEED=${DMR_GUEST_CC_SEED:-$(date +%s)}
 MAIN=$((4 * 1024 * 1024))
 SPARE=$((8 * 1024 * 1024))
 BLOCKS=$((MAIN / 4096))
 # main blocks under `error` segments (single blocks and runs)
 ERR="17,18,19,64,130,131,200,256,257,258,259,333,400,512,513,600,701,702,777,850,901,960,1000,1023"
-echo "seed $SEED, workload ${SECONDS_RUN}s, subsets ${DMR_GUEST_CC_SUBSETS:-1}, cli ${DMR_GUEST_CC_CLI:-3}"
+echo "seed $SEED, workload $WRITES writes, subsets ${DMR_GUEST_CC_SUBSETS:-1}, cli ${DMR_GUEST_CC_CLI:-2}"
 
 section modules
 check modprobe modules dm-mod dm-log-writes loop
@@ -64,7 +65,7 @@ echo "main table: $(wc -l <$TABLE) segments, $(echo "$ERR" | tr ',' '\n' | wc -l
 
 section workload
 T=$(up)
-if node "$HERE/crash-workload.mjs" /dev/mapper/dmrcc-main /dev/mapper/dmrcc-spare $W/work.log "$SECONDS_RUN" "$SEED" dmrcc-log "$ERR"; then
+if node "$HERE/crash-workload.mjs" /dev/mapper/dmrcc-main /dev/mapper/dmrcc-spare $W/work.log "$WRITES" "$SEED" dmrcc-log "$ERR"; then
 	pass workload "$(el "$T"), $(wc -l <$W/work.log) log lines"
 else
 	fail workload "rc=$? after $(el "$T")"
@@ -89,7 +90,7 @@ fi
 
 section replay
 T=$(up)
-DMR_CC_SUBSETS=${DMR_GUEST_CC_SUBSETS:-1} DMR_CC_CLI=${DMR_GUEST_CC_CLI:-3} DMR_CC_SEED=$SEED DMR_CC_SABOTAGE=${DMR_GUEST_CC_SABOTAGE:-} \
+DMR_CC_SUBSETS=${DMR_GUEST_CC_SUBSETS:-1} DMR_CC_CLI=${DMR_GUEST_CC_CLI:-2} DMR_CC_SEED=$SEED DMR_CC_SABOTAGE=${DMR_GUEST_CC_SABOTAGE:-} \
 	node "$HERE/crash-check.mjs" $W/log.img $W/work.log $MAIN $SPARE "$ERR" $W "$LOGBYTES" >$W/check.out 2>&1
 RC=$?
 cat $W/check.out
