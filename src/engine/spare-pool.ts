@@ -23,6 +23,7 @@ import type { BlockSet } from '../remap/block-set.js';
 import { crc32c } from '../metadata/crc32c.js';
 import { bytesToUuid, uuidToBytes, SB_MAGIC } from '../metadata/format.js';
 import { getU64, setU64 } from '../metadata/records.js';
+import { stackOverlap } from './stack-overlap.js';
 
 // ------------------------------------------------------------- the mapper
 
@@ -232,6 +233,9 @@ export function storageClash(a: NativeBackingInfo, b: NativeBackingInfo): string
   if (ra !== null && rb !== null && ra.dev === rb.dev && ra.ino === rb.ino && ra.start < rb.end && rb.start < ra.end) {
     return `${b.path} overlaps ${a.path}: both are stored in ${ra.file} (bytes ${rb.start}..${rb.end} and ${ra.start}..${ra.end})`;
   }
+  // Through partitions too (a partition of a loop device over a's image, a's disk, ...): stack-overlap.ts.
+  const s = stackOverlap(a.path, b.path);
+  if (s !== null) return `${b.path} overlaps ${a.path}: both are stored on ${s.layer} (bytes ${s.b[0]}..${s.b[1]} and ${s.a[0]}..${s.a[1]})`;
   return null;
 }
 

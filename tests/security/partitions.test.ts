@@ -15,6 +15,7 @@
  *  - main = the image file, spare /dev/loopNp2           -> exit 2, overlap
  *  - main /dev/loopNp1, spare /dev/loopNp2 (disjoint)    -> accepted
  *  - device a0 on /dev/loopNp1, then a1 on /dev/loopN    -> exit 5, names a0
+ *  - main = the image file, `spare add` /dev/loopNp2     -> exit 5, overlap
  *
  * Needs root and loop devices; skipped otherwise. The loop device is
  * detached in afterAll, even after a failure.
@@ -145,5 +146,19 @@ describe.skipIf(!canLoop)('a spare overlapping the main through partitions of a 
     expect(JSON.parse((await ctl(sock(), '--json', 'list')).stdout)).toEqual([]);
     figures.push(`main ${loop}p1, spare ${loop}p2: accepted`);
     figures.push(`then ${loop} for another device: exit ${busy.code}: ${busy.stderr.trim()}`);
+  });
+  it('an extra spare (spare add) on a partition of a loop device over the main image is refused', async () => {
+    writeFileSync(join(dir, 'x0-spare.img'), '');
+    truncateSync(join(dir, 'x0-spare.img'), 4 * MIB);
+    const ok = await ctl(sock(), 'add', 'x0', '--main', image, '--spare', join(dir, 'x0-spare.img'), '--format', '--pool-reserve', '16M');
+    expect(ok.code, ok.stderr).toBe(0);
+    const r = await ctl(sock(), '--json', 'spare', 'add', 'x0', `${loop}p2`, '--format');
+    expect(r.code, r.stdout + r.stderr).toBe(5);
+    expect(r.stderr).toContain(`spare ${loop}p2 is already used as main of this device (${loop}p2 overlaps ${image}: both are stored on ${image}`);
+    const list = await ctl(sock(), '--json', 'spare', 'list', 'x0');
+    expect(list.code, list.stderr).toBe(0);
+    expect(JSON.stringify(JSON.parse(list.stdout))).not.toContain(`${loop}p2`);
+    expect((await ctl(sock(), 'remove', 'x0')).code).toBe(0);
+    figures.push(`main ${image}, spare add ${loop}p2: exit ${r.code}: ${r.stderr.trim()}`);
   });
 });
