@@ -94,16 +94,28 @@ export class UblkNative {
   private readonly ctrlOut = new Float64Array(8);
   private readonly waiters = new Map<number, (r: CtrlResult) => void>();
   private seq = 0;
+  /**
+   * All the native callbacks reach. The native object keeps strong references
+   * to its callbacks until it is itself collected, so they must not hold this
+   * object nor onIo (whose closure holds the per-tag buffers and the engine):
+   * close() cuts the link, and a removed device's fds and buffers become
+   * garbage (before, every device added and removed kept 3 fds and 64 MiB).
+   */
+  private readonly link: { self: UblkNative | null; onIo: ((count: number) => void) | null };
 
   /** onIo(count) reads `count` requests from the batch array given to startQueues. */
   constructor(onIo: (count: number) => void) {
     const Ctor = (loadBinding() as unknown as { NativeUblk: NativeUblkConstructor }).NativeUblk;
-    this.h = new Ctor((seq, res) => {
-      const w = this.waiters.get(seq);
-      if (w === undefined) return;
-      this.waiters.delete(seq);
-      w({ res, out: Array.from(this.ctrlOut) });
-    }, onIo, this.ctrlOut);
+    const link: { self: UblkNative | null; onIo: ((count: number) => void) | null } = { self: this, onIo };
+    this.link = link;
+    this.h = new Ctor((seq, res) => link.self?.onCtrl(seq, res), (count) => link.onIo?.(count), this.ctrlOut);
+  }
+
+  private onCtrl(seq: number, res: number): void {
+    const w = this.waiters.get(seq);
+    if (w === undefined) return;
+    this.waiters.delete(seq);
+    w({ res, out: Array.from(this.ctrlOut) });
   }
 
   /** Opens /dev/ublk-control and starts the control thread. */
@@ -152,6 +164,9 @@ export class UblkNative {
   close(waitMs: number): { ctrlDetached: boolean } {
     for (const w of this.waiters.values()) w({ res: -125, out: [] }); // ECANCELED
     this.waiters.clear();
-    return this.h.close(waitMs);
+    const r = this.h.close(waitMs);
+    this.link.self = null;
+    this.link.onIo = null;
+    return r;
   }
 }

@@ -103,7 +103,8 @@ try {
   const end = stats();
   console.log(`CYCLES end: ${show(end)}`);
   pass(`${kind}-cycles`, `${count} add/remove cycles with I/O in ${loopS.toFixed(1)}s (${(loopS / count).toFixed(2)}s each, slowest remove ${maxRemove} ms, devices ${[...devs].join(',')})`);
-  end.fds <= start.fds ? pass(`${kind}-cycles-fds-flat`, `${start.fds} -> ${end.fds}`) : fail(`${kind}-cycles-fds-flat`, `${start.fds} -> ${end.fds}`);
+  // +2: a control connection or an io_uring worker's fd may be in transit; a leak grows with the cycles
+  end.fds <= start.fds + 2 ? pass(`${kind}-cycles-fds-flat`, `${start.fds} -> ${end.fds}`) : fail(`${kind}-cycles-fds-flat`, `${start.fds} -> ${end.fds}`);
   end.threads <= start.threads ? pass(`${kind}-cycles-threads-flat`, `${start.threads} -> ${end.threads}`) : fail(`${kind}-cycles-threads-flat`, `${start.threads} -> ${end.threads}`);
   const rssLimit = start.rssKb + Math.max(32 * 1024, start.rssKb / 4);
   end.rssKb <= rssLimit
