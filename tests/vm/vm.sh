@@ -145,8 +145,10 @@ run_guest() {
 	timing prepare "$t"
 	command -v qemu-system-x86_64 >/dev/null || { log "SKIP: qemu-system-x86_64 not available"; exit 77; }
 	mkdir -p "$CACHE/runs"
-	# keep the last 5 runs' logs
-	{ ls -1dt "$CACHE"/runs/* 2>/dev/null || true; } | tail -n +6 | xargs -r rm -rf
+	# keep the last 5 runs' logs, and every run of the last 2 hours (runs in
+	# parallel must not delete each other's folder while their guest writes to it)
+	{ ls -1dt "$CACHE"/runs/* 2>/dev/null || true; } | tail -n +6 |
+		while read -r d; do [ -z "$(find "$d" -maxdepth 0 -mmin +120)" ] || rm -rf "$d"; done
 	run=$(mktemp -d "$CACHE/runs/$(date +%Y%m%d-%H%M%S)-XXXX")
 	chmod 755 "$run"
 	# DMR_GUEST_* settings reach the guest script through the run folder (lib.sh sources it)
