@@ -567,6 +567,12 @@ export class DeviceManager {
         if (o.paths.includes(resolved)) {
           throw new ControlError('BUSY', other === name ? `${path} is already part of device "${name}"` : `${path} is already used by device "${other}"`);
         }
+        // The same storage under another name (a partition of a loop device over another device's image, ...);
+        // the engine checks its own device's parts.
+        for (const q of other === name ? [] : o.paths) {
+          const c = stackOverlap(q, resolved);
+          if (c !== null) throw new ControlError('BUSY', `${path} overlaps ${q}, used by device "${other}": both are stored on ${c.layer} (bytes ${c.b[0]}..${c.b[1]} and ${c.a[0]}..${c.a[1]})`);
+        }
       }
       const recorded = engine.spareInfo().length - 1;
       const before = e.spec;

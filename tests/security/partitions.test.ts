@@ -16,6 +16,7 @@
  *  - main /dev/loopNp1, spare /dev/loopNp2 (disjoint)    -> accepted
  *  - device a0 on /dev/loopNp1, then a1 on /dev/loopN    -> exit 5, names a0
  *  - main = the image file, `spare add` /dev/loopNp2     -> exit 5, overlap
+ *  - y0 on the image file, `spare add` /dev/loopNp1 to y1 -> exit 5, names y0
  *
  * Needs root and loop devices; skipped otherwise. The loop device is
  * detached in afterAll, even after a failure.
@@ -160,5 +161,20 @@ describe.skipIf(!canLoop)('a spare overlapping the main through partitions of a 
     expect(JSON.stringify(JSON.parse(list.stdout))).not.toContain(`${loop}p2`);
     expect((await ctl(sock(), 'remove', 'x0')).code).toBe(0);
     figures.push(`main ${image}, spare add ${loop}p2: exit ${r.code}: ${r.stderr.trim()}`);
+  });
+  it('spare add of a partition over another device\'s main image is refused, naming that device', async () => {
+    for (const f of ['y0-spare.img', 'y1-main.img', 'y1-spare.img']) {
+      writeFileSync(join(dir, f), '');
+      truncateSync(join(dir, f), (f === 'y1-main.img' ? 16 : 4) * MIB);
+    }
+    expect((await ctl(sock(), 'add', 'y0', '--main', image, '--spare', join(dir, 'y0-spare.img'), '--format')).code).toBe(0);
+    const y1 = await ctl(sock(), 'add', 'y1', '--main', join(dir, 'y1-main.img'), '--spare', join(dir, 'y1-spare.img'), '--format', '--pool-reserve', '16M');
+    expect(y1.code, y1.stderr).toBe(0);
+    const r = await ctl(sock(), '--json', 'spare', 'add', 'y1', `${loop}p1`, '--format');
+    expect(r.code, r.stdout + r.stderr).toBe(5);
+    expect(r.stderr).toContain(`${loop}p1 overlaps ${image}, used by device "y0": both are stored on ${image}`);
+    expect((await ctl(sock(), 'remove', 'y1')).code).toBe(0);
+    expect((await ctl(sock(), 'remove', 'y0')).code).toBe(0);
+    figures.push(`device y0 on ${image}, spare add ${loop}p1 to y1: exit ${r.code}: ${r.stderr.trim()}`);
   });
 });
