@@ -104,4 +104,24 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
     expect(r.out.match(/^RESULT \S+ FAIL.*$/gm) ?? [], `failed checks; console log: ${logLine}`).toEqual([]);
     expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
   }, 500_000);
+
+  // Stable names and the mount-namespace self-deadlock (docs/OPERATION.md, "Stable names, boot
+  // order and mount namespaces"): tests/vm/guest-names.sh and guest-mntns.sh
+  for (const [script, what] of [
+    ['guest-names.sh', 'stable names: /dev/disk/by-remap links for ublk and nbd, across a restart, stale ones dropped; the udev rule (database, partitions)'],
+    ['guest-mntns.sh', 'mount namespaces: no warning in the initial one; a private one warns, detaches its mounts at SIGTERM and exits in time; without the detach the exit hangs until a new daemon recovers the device'],
+  ] as const) {
+    it(what, async (ctx) => {
+      const r = await runGuest(script, 480);
+      if (r.code === 77) {
+        console.warn(`\n*** VM TEST SKIPPED: QEMU cannot run on this machine ***\n${r.out}`);
+        ctx.skip();
+        return;
+      }
+      const logLine = /log (\S+console\.log)/.exec(r.out)?.[1] ?? '(no log)';
+      console.log(r.out.split('\n').filter((l) => /^(VM-TIMING|vm\.sh:|RESULT|VMTEST|HAZARD|\*\*\*)/.test(l)).join('\n'));
+      expect(r.out.match(/^RESULT \S+ FAIL.*$/gm) ?? [], `failed checks; console log: ${logLine}`).toEqual([]);
+      expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
+    }, 500_000);
+  }
 });
