@@ -9,7 +9,7 @@ APT_PACKAGES=(
   build-essential python3 pkg-config liburing-dev   # addon build (node-gyp + liburing)
   nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3  # fault injection, NBD peers
   qemu-utils fio util-linux e2fsprogs bsdutils curl gddrescue  # peers for tests and benchmarks (curl: metrics scrapes; script: scan progress bar; ddrescue mapfiles)
-  qemu-system-x86 busybox-static kmod cpio xz-utils dmsetup nbd-client debian-archive-keyring  # tests/vm: the QEMU guest (it fetches its own kernel)
+  qemu-system-x86 busybox-static kmod cpio xz-utils dmsetup nbd-client debian-archive-keyring udev  # tests/vm: the QEMU guest (it fetches its own kernel; udev: guest-names.sh tests the udev rule with the host's systemd-udevd)
 )
 
 need_apt=0

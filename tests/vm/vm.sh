@@ -23,7 +23,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${DMR_VM_CACHE:-/var/tmp/dm-remapd-vm}
-HOST_PACKAGES=(qemu-system-x86 busybox-static kmod cpio xz-utils dmsetup e2fsprogs nbd-client debian-archive-keyring)
+HOST_PACKAGES=(qemu-system-x86 busybox-static kmod cpio xz-utils dmsetup e2fsprogs nbd-client debian-archive-keyring udev)
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
