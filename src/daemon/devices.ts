@@ -454,6 +454,13 @@ export class DeviceManager {
       // Never assembled: only forget it.
       this.devices.delete(name);
       if (opts.persist !== false) await this.persist();
+      if (opts.persist !== false && e.spec.ublk === true) {
+        // Its ublk device, left quiesced (or stopped) by an earlier daemon, goes too (docs/UBLK.md).
+        const { dropUblkRecord } = await import('../frontends/ublk/index.js');
+        await dropUblkRecord(this.o.stateDir, name, this.log).catch((err: unknown) => {
+          log.warn({ event: 'ublk-record-drop-failed', error: errorBody(err) }, `device ${name}: its earlier ublk device could not be deleted`);
+        });
+      }
       log.info({ event: 'removed', ...base }, `device ${name} removed (it was not assembled)`);
       return base;
     }

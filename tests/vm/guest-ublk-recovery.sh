@@ -15,6 +15,8 @@
 #     a restart whose recovery fails half-way (test hook) cleans it up and
 #     adds a new one; a restart with recovery disabled deletes and replaces
 #     it; no orphan either time.
+#     A device whose main is missing at the next start is not assembled;
+#     `remapctl remove` of it deletes the ublk device left for it.
 #  4. remove everything; no /dev/ublkcN left; `modprobe -r ublk_drv` succeeds.
 . "$(dirname "$0")/lib.sh"
 
@@ -111,8 +113,8 @@ grep -q '"recovered":false' $LASTLOG && echo "flags: $(grep -o '"flags":[0-9]*' 
 DEVNO=$(cat /sys/block/$B/dev)
 check mkfs mkfs.ext4 -q -F -b 4096 "$DEV"
 check mount mount "$DEV" $W/mnt
-head -c 16M /dev/urandom >$W/copy.src
-fio_start $W/mnt/fio.dat 12M
+head -c 8M /dev/urandom >$W/copy.src
+fio_start $W/mnt/fio.dat 8M
 cp $W/copy.src $W/mnt/copy.bin &
 CPPID=$!
 TKILL=$(up)
@@ -145,7 +147,7 @@ check fsck e2fsck -fn "$DEV"
 section "2: daemon stop (SIGTERM) with the filesystem mounted, restart"
 check remount mount "$DEV" $W/mnt
 rm -f $W/mnt/fio.dat
-fio_start $W/mnt/fio2.dat 8M
+fio_start $W/mnt/fio2.dat 6M
 TKILL=$(up)
 kill_mid_fio $B TERM
 grep '"ublk-suspended"' $W/d-$N.log | tail -n1
@@ -215,9 +217,23 @@ check fsck3 e2fsck -fn "$RDEV"
 echo "ublk-char: $(ublkc_list)"
 check no-orphan-after-disabled [ "$(ublkc_list | wc -w)" -eq 2 ]
 
+# a device that cannot be assembled at restart (main missing): `remapctl remove` deletes its left-over ublk device
+kill -KILL $DPID
+wait $DPID 2>/dev/null
+DPID=
+echo "after kill -9 (r0 now without recovery): ublk-char: $(ublkc_list)"
+mv $W/main.img $W/main.moved
+T=$(up)
+if spawn $W/state "$SOCK"; then DPID=$LASTPID; pass daemon-restart-missing-main "$(el "$T")"; else fail daemon-restart-missing-main ""; finish; fi
+ST=$(ctl status r0 --json | json v.state)
+[ "$ST" = failed ] && pass r0-not-assembled "$ST" || fail r0-not-assembled "state $ST"
+check remove-unassembled-r0 ctl remove r0
+grep '"ublk-stale-deleted"' $LASTLOG | tail -n1
+check record-dropped [ ! -e $W/state/ublk/r0.json ]
+check no-orphan-after-remove-unassembled [ "$(ublkc_list)" = "ublkc${FDEV2#/dev/ublkb} " ]
+
 # ------------------------------------------------------------ 4: cleanup
 section "4: remove, modules"
-check remove-r0 ctl remove r0
 check remove-f0 ctl2 remove f0
 check records-removed sh -c "[ ! -e $W/state/ublk/r0.json ] && [ ! -e $W/state2/ublk/f0.json ]"
 kill $DPID $D2PID

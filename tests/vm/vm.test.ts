@@ -57,8 +57,8 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
   }, 300_000);
 
   it('ublk crash recovery: kill -9 and SIGTERM under fio on a mounted /dev/ublkb0, same device recovered, verify passes, fsck clean; without recovery no orphan ublkc', async (ctx) => {
-    // 7 daemon starts (node over 9p: 8-25 s each under TCG) and two fio runs: 290-340 s of guest on a loaded 2-core host.
-    const r = await runGuest('guest-ublk-recovery.sh', 480);
+    // 8 daemon starts (node over 9p: 8-40 s each under TCG) and two fio runs: 290-430 s of guest on a loaded 2-core host.
+    const r = await runGuest('guest-ublk-recovery.sh', 600);
     if (r.code === 77) {
       console.warn(`\n*** VM TEST SKIPPED: QEMU cannot run on this machine ***\n${r.out}`);
       ctx.skip();
@@ -69,7 +69,7 @@ describe.skipIf(!ENABLED)('VM guest (set DMR_VM=1)', () => {
     console.log(results.join('\n'));
     if (r.code !== 0) console.log(`guest console: ${logLine}`);
     expect(r.code, `guest exit code (98: guest died without reporting); console log: ${logLine}`).toBe(0);
-  }, 500_000);
+  }, 620_000);
 
   // tests/vm/guest-matrix.sh, once per frontend: fio verify, openers refused, removal during a
   // metadata write and during error recovery, remove --force, add/remove cycles with flat figures

@@ -299,6 +299,33 @@ export async function attachUblkDevice(engine: BlockEngine, o: UblkOptions): Pro
   return addNew(srv, engine, o, { log, t, f, recovery, readOnly, record });
 }
 
+/**
+ * Deletes the device of a record without serving it (`remapctl remove` of a
+ * device that could not be assembled, so its ublk device is not left
+ * quiesced or orphaned). true when it is gone or was not the recorded device.
+ */
+export async function deleteRecordedUblk(prev: UblkRecord, logger: Logger, name: string, ctrlTimeoutMs = 10_000): Promise<boolean> {
+  const log = logger.child({ component: 'ublk' });
+  const native = new UblkNative(() => undefined);
+  native.open();
+  try {
+    await native.ctrlRaw(UblkCtrlOp.FEATURES, -1, ctrlTimeoutMs);
+    const v = await examine(native, prev, { recovery: false, sizeBytes: 0, blockSize: 0, readOnly: false }, ctrlTimeoutMs, 3000);
+    if (v.kind === 'delete') {
+      const del = await deleteStale(native, prev.devId, v.stop, ctrlTimeoutMs);
+      const ok = del === 0 || del === -ENODEV;
+      (ok ? log.info.bind(log) : log.warn.bind(log))({ event: 'ublk-stale-deleted', ublkDevice: `/dev/ublkb${prev.devId}`, reason: 'the device is removed', errno: ok ? undefined : -del },
+        `${name}: ${ok ? 'deleted' : 'could not fully delete'} /dev/ublkb${prev.devId} left by an earlier daemon`);
+      return ok;
+    }
+    const reason = v.kind === 'recover' ? 'recoverable' : v.reason; // 'recover' cannot happen with recovery off
+    log.info({ event: 'ublk-previous-ignored', ublkDevice: `/dev/ublkb${prev.devId}`, reason }, `${name}: not deleting /dev/ublkb${prev.devId}: ${reason}`);
+    return v.kind === 'forget';
+  } finally {
+    native.close(1000);
+  }
+}
+
 function logDeleted(log: Logger, name: string, devId: number, res: number, reason: string): void {
   const ok = res === 0 || res === -ENODEV;
   (ok ? log.info.bind(log) : log.warn.bind(log))({ event: 'ublk-stale-deleted', ublkDevice: `/dev/ublkb${devId}`, reason, errno: ok ? undefined : -res },

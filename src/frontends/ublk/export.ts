@@ -12,7 +12,7 @@
 import type { Logger } from 'pino';
 import type { BlockEngine } from '../../engine/engine.js';
 import type { DeviceSpec } from '../../daemon/state.js';
-import { attachUblkDevice, type UblkAttachment } from './attach.js';
+import { attachUblkDevice, deleteRecordedUblk, type UblkAttachment } from './attach.js';
 import { UblkRecordStore } from './record.js';
 
 export interface UblkExport {
@@ -50,4 +50,16 @@ export async function startUblkExport(engine: BlockEngine, spec: DeviceSpec, log
       return { connectionsClosed: 0 };
     },
   };
+}
+
+/**
+ * `remapctl remove` of a device that was never assembled (its engine could
+ * not be opened): deletes the ublk device an earlier daemon left for it
+ * (quiesced, or stopped with its /dev/ublkcN), and the record.
+ */
+export async function dropUblkRecord(stateDir: string, name: string, logger: Logger): Promise<void> {
+  const store = new UblkRecordStore(stateDir);
+  const { record } = await store.load(name);
+  if (record === null) return;
+  if (await deleteRecordedUblk(record, logger.child({ device: name }), name)) await store.remove(name);
 }
