@@ -4,26 +4,15 @@
  * with a device name, the daemon creates the equivalent device.
  */
 import { resolve } from 'node:path';
-import { Command, CommanderError, InvalidArgumentError } from 'commander';
-import { EXIT, blockSizeArg, intArg, sizeArg, table, type CommandContext } from './common.js';
+import { Command, CommanderError } from 'commander';
+import { EXIT, deviceArgs, deviceOptions, table, type CommandContext, type DeviceFlags } from './common.js';
 import { request } from './client.js';
 import { RemapError } from '../errors.js';
-import { parseHostPort } from '../daemon/protocol.js';
 import type { ImportDmr4Result } from '../daemon/handlers-dmr4.js';
 import type { DeviceStatus } from '../daemon/devices.js';
 import { DMR4_FLAG, Dmr4Error, jsonSafe, type Dmr4Image, type Dmr4TableEntry } from '../migrate/dmr4.js';
 import { readDmr4Spare, type Dmr4ImportReport } from '../migrate/dmr4-import.js';
 import { formatSize } from './size.js';
-
-function hostPortArg(v: string): string {
-  if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
-  return v;
-}
-
-function nbdDeviceArg(v: string): string {
-  if (v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) throw new InvalidArgumentError(`expected /dev/nbdN or auto, got "${v}"`);
-  return v;
-}
 
 function flagsText(f: number): string {
   const names = [f & DMR4_FLAG.PENDING ? 'pending' : '', f & DMR4_FLAG.ACTIVE ? 'active' : ''].filter((x) => x !== '');
@@ -77,37 +66,19 @@ async function decodeOrThrow(path: string): Promise<Dmr4Image> {
   }
 }
 
-interface ImportOpts {
+interface ImportOpts extends DeviceFlags {
   from: string;
   dryRun?: boolean;
   main?: string;
-  spare?: string;
-  spareTail?: number;
-  format?: boolean;
-  blockSize?: number;
-  nbdUnix?: string;
-  nbdTcp?: string;
-  nbdDevice?: string;
-  ublk?: boolean;
-  metadataTimeout?: number;
 }
 
 export function registerDmr4Commands(program: Command, ctx: CommandContext): void {
-  program.command('import-dmr4')
+  deviceOptions(program.command('import-dmr4')
     .description('migrate from the kernel dm-remap target: decode its old spare (--dry-run, no daemon) or create the equivalent device')
     .argument('[name]', 'new device name (not with --dry-run)')
     .requiredOption('--from <path>', 'the old dm-remap spare (DMR4 metadata)')
     .option('--dry-run', 'only decode the old spare and show what would be imported (no daemon needed)')
-    .option('--main <path>', 'main (failing) disk or image: the one the old target remapped')
-    .option('--spare <path>', 'new spare disk or file')
-    .option('--spare-tail <size>', 'use a reserved tail of main as the new spare (K/M/G suffixes)', sizeArg)
-    .option('--format', 'format a new spare that has no metadata')
-    .option('--block-size <bytes>', 'remap unit: 4096 (default) or 512', blockSizeArg)
-    .option('--nbd-unix <path>', 'export over NBD on this unix socket')
-    .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
-    .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto', nbdDeviceArg)
-    .option('--ublk', 'serve the device as /dev/ublkbN')
-    .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
+    .option('--main <path>', 'main (failing) disk or image: the one the old target remapped'), 'new spare')
     .action(async (name: string | undefined, opts: ImportOpts, cmd: Command) => {
       const { g, o } = ctx(cmd);
       const from = resolve(opts.from);
@@ -125,16 +96,7 @@ export function registerDmr4Commands(program: Command, ctx: CommandContext): voi
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `import-dmr4 ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
       }
-      const args: Record<string, unknown> = { name, from, main: resolve(opts.main) };
-      if (opts.spare !== undefined) args.spare = resolve(opts.spare);
-      if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
-      if (opts.format === true) args.format = true;
-      if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
-      if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
-      if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
-      if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
-      if (opts.ublk === true) args.ublk = true;
-      if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
+      const args: Record<string, unknown> = { name, from, main: resolve(opts.main), ...deviceArgs(opts) };
       const r = (await request(g.socket, 'importDmr4', args, 3_600_000)) as ImportDmr4Result;
       o.print(importText(r), r);
     });

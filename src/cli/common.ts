@@ -4,8 +4,9 @@
  * handler gets. Feature commands live in their own cmd-*.ts files and are
  * registered from remapctl.ts.
  */
+import { resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
-import type { ErrorCode } from '../daemon/protocol.js';
+import { parseHostPort, type ErrorCode } from '../daemon/protocol.js';
 import { parseSize } from './size.js';
 
 export const EXIT = {
@@ -102,3 +103,55 @@ export class Output {
 
 /** Gives a command its global options and its output (and records the output for the exit code). */
 export type CommandContext = (cmd: Command) => { g: Globals; o: Output };
+
+export function hostPortArg(v: string): string {
+  if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
+  return v;
+}
+
+export function nbdDeviceArg(v: string): string {
+  if (v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) throw new InvalidArgumentError(`expected /dev/nbdN or auto, got "${v}"`);
+  return v;
+}
+
+/** The device flags `add` and `import-dmr4` share: spare, format, block size, exports, metadata timeout. */
+export interface DeviceFlags {
+  spare?: string;
+  spareTail?: number;
+  format?: boolean;
+  blockSize?: number;
+  nbdUnix?: string;
+  nbdTcp?: string;
+  nbdDevice?: string;
+  ublk?: boolean;
+  metadataTimeout?: number;
+}
+
+/** Declares the DeviceFlags options on `cmd` (`spareWhat` names the spare in the help: "separate spare", "new spare"). */
+export function deviceOptions(cmd: Command, spareWhat: string): Command {
+  return cmd
+    .option('--spare <path>', `${spareWhat} disk or file`)
+    .option('--spare-tail <size>', `use a reserved tail of main as the ${spareWhat} (K/M/G suffixes)`, sizeArg)
+    .option('--format', 'format a spare that has no metadata (never overwrites existing metadata)')
+    .option('--block-size <bytes>', 'remap unit: 4096 (default) or 512', blockSizeArg)
+    .option('--nbd-unix <path>', 'export over NBD on this unix socket')
+    .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
+    .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto (prints the device)', nbdDeviceArg)
+    .option('--ublk', 'serve the device as /dev/ublkbN (prints the device)')
+    .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000));
+}
+
+/** The control-request arguments of DeviceFlags (paths made absolute). */
+export function deviceArgs(opts: DeviceFlags): Record<string, unknown> {
+  const args: Record<string, unknown> = {};
+  if (opts.spare !== undefined) args.spare = resolve(opts.spare);
+  if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
+  if (opts.format === true) args.format = true;
+  if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
+  if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
+  if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
+  if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
+  if (opts.ublk === true) args.ublk = true;
+  if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
+  return args;
+}

@@ -3,10 +3,9 @@
  * remapctl: the operator's interface to dm-remapd (docs/OPERATION.md).
  */
 import { resolve } from 'node:path';
-import { Command, CommanderError, InvalidArgumentError } from 'commander';
-import { EXIT, EXIT_HELP, Output, blockSizeArg, exitCodeFor, intArg, sizeArg, table, type CommandContext, type Globals } from './common.js';
+import { Command, CommanderError } from 'commander';
+import { EXIT, EXIT_HELP, Output, deviceArgs, deviceOptions, exitCodeFor, intArg, sizeArg, table, type CommandContext, type DeviceFlags, type Globals } from './common.js';
 import type { DeviceStatus, RemoveReport } from '../daemon/devices.js';
-import { parseHostPort } from '../daemon/protocol.js';
 import type { ManualRemapResult } from '../engine/engine.js';
 import { RemapError } from '../errors.js';
 import { codeForErrno } from '../daemon/protocol.js';
@@ -19,16 +18,6 @@ import { registerDdrescueCommands } from './cmd-ddrescue.js';
 import { registerUnremapCommands } from './cmd-unremap.js';
 import { registerSpareCommands, spareLines } from './cmd-spare.js';
 import { registerOpenersCommands } from './cmd-openers.js';
-
-function hostPortArg(v: string): string {
-  if (parseHostPort(v) === null) throw new InvalidArgumentError(`expected HOST:PORT (port 0..65535), got "${v}"`);
-  return v;
-}
-
-function nbdDeviceArg(v: string): string {
-  if (v !== 'auto' && !/^\/dev\/nbd\d{1,4}$/.test(v)) throw new InvalidArgumentError(`expected /dev/nbdN or auto, got "${v}"`);
-  return v;
-}
 
 function n(v: number | null): string {
   return v === null ? '-' : String(v);
@@ -100,40 +89,21 @@ function buildProgram(out: { current: Output | null }): Command {
     return { g, o };
   };
 
-  program.command('add')
+  deviceOptions(program.command('add')
     .description('add a device (reopens existing metadata; formats a blank spare only with --format)')
     .argument('<name>', 'device name')
-    .requiredOption('--main <path>', 'main (failing) disk or image')
-    .option('--spare <path>', 'separate spare disk or file')
-    .option('--spare-tail <size>', 'use a reserved tail of main as the spare (K/M/G suffixes)', sizeArg)
-    .option('--format', 'format a spare that has no metadata (never overwrites existing metadata)')
-    .option('--block-size <bytes>', 'remap unit: 4096 (default) or 512', blockSizeArg)
-    .option('--nbd-unix <path>', 'export over NBD on this unix socket')
-    .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
-    .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto (prints the device)', nbdDeviceArg)
-    .option('--ublk', 'serve the device as /dev/ublkbN (prints the device)')
-    .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000))
+    .requiredOption('--main <path>', 'main (failing) disk or image'), 'separate spare')
     .option('--allow-identity-change', 'accept a spare whose recorded main differs (after replacing the main)')
     .option('--extra-spare <path>', 'an extra spare of the pool (repeat, in the order they were added; see spare add)', (v: string, prev: string[]) => [...prev, v], [] as string[])
     .option('--pool-reserve <size>', 'with --format: metadata room for extra spares of this size in all (spare add; K/M/G suffixes)', sizeArg)
-    .action(async (name: string, opts: { main: string; spare?: string; spareTail?: number; format?: boolean; blockSize?: number; nbdUnix?: string;
-      nbdTcp?: string; nbdDevice?: string; ublk?: boolean; metadataTimeout?: number; allowIdentityChange?: boolean; extraSpare: string[]; poolReserve?: number }, cmd: Command) => {
+    .action(async (name: string, opts: DeviceFlags & { main: string; allowIdentityChange?: boolean; extraSpare: string[]; poolReserve?: number }, cmd: Command) => {
       const { g, o } = ctx(cmd);
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
       }
-      const args: Record<string, unknown> = { name, main: resolve(opts.main) };
-      if (opts.spare !== undefined) args.spare = resolve(opts.spare);
-      if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
+      const args: Record<string, unknown> = { name, main: resolve(opts.main), ...deviceArgs(opts) };
       if (opts.extraSpare.length > 0) args.spares = opts.extraSpare.map((p) => resolve(p));
       if (opts.poolReserve !== undefined) args.poolReserveBytes = opts.poolReserve;
-      if (opts.format === true) args.format = true;
-      if (opts.blockSize !== undefined) args.blockSize = opts.blockSize;
-      if (opts.nbdUnix !== undefined) args.nbdUnix = resolve(opts.nbdUnix);
-      if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
-      if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
-      if (opts.ublk === true) args.ublk = true;
-      if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
       if (opts.allowIdentityChange === true) args.allowIdentityChange = true;
       const d = (await request(g.socket, 'add', args, 600_000)) as DeviceStatus;
       o.print(`added ${d.name}: ${formatSize(d.sizeBytes)}, block size ${d.blockSize}, ${d.remappedBlocks} remapped, ${d.pendingBlocks} pending, `
