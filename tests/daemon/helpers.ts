@@ -170,3 +170,28 @@ export async function request(sock: string, cmd: string, args: Record<string, un
   const [a] = await raw(sock, `${JSON.stringify({ id: 'x', cmd, args })}\n`, 1);
   return a;
 }
+
+/** Environment whose PATH puts the system's tools first: nbdsh runs `python3` from PATH and needs the system's python3-nbd. */
+export const SYS_ENV = { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
+
+/**
+ * Runs a system tool (nbdsh, ddrescue, ...) without blocking the event loop
+ * (fault disks and the daemon write logs to pipes this process must keep
+ * draining); resolves with its stdout, rejects naming the exit and stderr.
+ */
+export function runTool(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.setEncoding('utf8').on('data', (c: string) => { out += c; });
+    p.stderr.setEncoding('utf8').on('data', (c: string) => { err += c; });
+    const timer = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
+    p.on('error', reject);
+    p.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (code === 0) resolve(out);
+      else reject(new Error(`${cmd} ${args.join(' ')}: exit ${code ?? signal}: ${err}`));
+    });
+  });
+}

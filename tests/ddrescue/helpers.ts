@@ -1,12 +1,11 @@
 /** Shared by the ddrescue tests: a block-numbered image, NBD block reads through nbdsh, a non-blocking runner. */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
+import { runTool as run } from '../daemon/helpers.js';
 import { writeFileSync } from 'node:fs';
 
 export const BS = 4096;
 export const SIZE = 32 << 20;
 export const BLOCKS = SIZE / BS;
-// nbdsh runs `python3` from PATH and needs the system's python3-nbd: put /usr/bin first.
-export const SYS_ENV = { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
 export const HAVE_DDRESCUE = ((): boolean => {
   try {
     execFileSync('ddrescuelog', ['--version'], { stdio: 'ignore' });
@@ -23,26 +22,7 @@ export function patternImage(path: string): void {
   writeFileSync(path, b);
 }
 
-/**
- * Runs a command without blocking the event loop: the fault disk's nbdkit and
- * the daemon write their logs to pipes this process must keep draining.
- */
-export function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.setEncoding('utf8').on('data', (c: string) => { out += c; });
-    p.stderr.setEncoding('utf8').on('data', (c: string) => { err += c; });
-    const timer = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('error', reject);
-    p.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')}: exit ${code ?? signal}: ${err}`));
-    });
-  });
-}
+export { runTool as run } from '../daemon/helpers.js';
 
 /** Reads each block through NBD: its first u32, or the errno name of the failure. */
 export async function nbdBlocks(uriOrRun: { uri: string } | { nbdkitArgs: string[] }, blocks: number[]): Promise<Record<number, number | string>> {

@@ -7,36 +7,17 @@
  */
 import { createHash } from 'node:crypto';
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cleanupAll, makeTempDir, requireTools, startFaultDisk, type FaultDisk } from '../helpers/faultdisk.js';
-import { ctl, startDaemon, type Daemon } from '../daemon/helpers.js';
+import { ctl, runTool as run, startDaemon, type Daemon } from '../daemon/helpers.js';
 
 requireTools('nbdkit', 'nbdkit-python', 'nbdfuse', 'fusermount3', '/dev/fuse', 'nbdsh');
 
 const BS = 4096;
 const SIZE = 16 << 20;
 const BLOCKS = SIZE / BS;
-const SYS_ENV = { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
 const REMAPPED = Array.from({ length: 1500 }, (_, i) => i * 2 + 1);
-
-function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.setEncoding('utf8').on('data', (c: string) => { out += c; });
-    p.stderr.setEncoding('utf8').on('data', (c: string) => { err += c; });
-    const timer = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('error', reject);
-    p.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd}: exit ${code ?? signal}: ${err}`));
-    });
-  });
-}
 
 /** SHA-256 of the whole device read through NBD. */
 async function deviceSha(uri: string): Promise<string> {
