@@ -91,6 +91,8 @@ wait_ctl() {
 
 ublk_phase usercopy DM_REMAPD_UBLK_COPY=auto
 ublk_phase buffers DM_REMAPD_UBLK_COPY=buffers
+# Every request through the engine (no native fast path): what the fast path buys.
+ublk_phase engine-only DM_REMAPD_UBLK_COPY=auto DM_REMAPD_UBLK_FAST=0
 
 section "summary: ublk / loop, 4 KiB random, QD$QD, ${RUNTIME} s runs (goal >= 0.90x)"
 awk '

@@ -52,6 +52,7 @@ void NativeBacking::Init(Napi::Env env, Napi::Object exports) {
                                        InstanceMethod("submit", &NativeBacking::Submit),
                                        InstanceMethod("cancel", &NativeBacking::Cancel),
                                        InstanceMethod("close", &NativeBacking::Close),
+                                       InstanceMethod("dupFd", &NativeBacking::DupFd),
                                        InstanceMethod("enableTestHooks", &NativeBacking::EnableTestHooks),
                                        InstanceMethod("errorStage", &NativeBacking::ErrorStage),
                                    });
@@ -635,6 +636,15 @@ void NativeBacking::Reap() {
     } while (rc == -EINTR);
     if (rc < 0) SignalEventFd();
   }
+}
+
+// dupFd() -> a new close-on-exec descriptor of the open device | -errno.
+// The ublk fast path does its own I/O on it (docs/UBLK.md "Fast path").
+Napi::Value NativeBacking::DupFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!shared_ || !shared_->fd.valid()) return Napi::Number::New(env, -EBADF);
+  int fd = fcntl(shared_->fd.get(), F_DUPFD_CLOEXEC, 0);
+  return Napi::Number::New(env, fd < 0 ? -errno : fd);
 }
 
 Napi::Value NativeBacking::Close(const Napi::CallbackInfo& info) {

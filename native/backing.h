@@ -74,6 +74,7 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   Napi::Value Submit(const Napi::CallbackInfo& info);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value DupFd(const Napi::CallbackInfo& info);
   Napi::Value EnableTestHooks(const Napi::CallbackInfo& info);
   Napi::Value ErrorStage(const Napi::CallbackInfo& info);
 

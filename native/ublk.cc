@@ -28,6 +28,8 @@ namespace dmr {
 namespace {
 
 constexpr uint64_t kWakeUserData = UINT64_MAX;
+// user_data of a fast-path backing I/O: flag | epoch parity << 16 | tag.
+constexpr uint64_t kFastFlag = 1ULL << 62;
 
 // The signal that interrupts a control command stuck past its timeout
 // (START_DEV and DEL_DEV wait interruptibly in the kernel).
@@ -166,6 +168,7 @@ int JoinQueues(UblkShared& s, int timeoutMs) {
       q->iods = nullptr;
     }
     s.cdevFd.reset();  // DEL_DEV waits until /dev/ublkcN is closed
+    s.fast.fd.reset();
   }
   return res;
 }
@@ -361,6 +364,49 @@ void PrepWake(io_uring* ring, UblkQueue& q, uint64_t* slot) {
   sqe->user_data = kWakeUserData;
 }
 
+// The fast path (UblkFast in ublk.h): a READ, or a WRITE without FUA, of
+// whole engine blocks inside the device, none of them marked slow, goes from
+// this thread straight to main. It is counted in the epoch it was checked in
+// until it completes, so that TS can mark blocks and then wait for every
+// fast I/O that might have missed the mark. Returns false when the request
+// must go to the engine.
+bool TryFast(io_uring* ring, UblkShared& s, UblkQueue& q, unsigned tag, const struct ublksrv_io_desc* iod, uint8_t op,
+             std::vector<uint32_t>& fastLen) {
+  UblkFast& f = s.fast;
+  if (f.bits == nullptr) return false;
+  if (op != UBLK_IO_OP_READ && (op != UBLK_IO_OP_WRITE || (iod->op_flags & UBLK_IO_F_FUA) != 0)) return false;
+  uint64_t off = iod->start_sector << 9;
+  uint64_t len = static_cast<uint64_t>(iod->nr_sectors) << 9;
+  uint64_t bmask = (1ULL << f.blockShift) - 1;
+  if (len == 0 || len > q.maxIo || ((off | len) & bmask) != 0 || off + len > f.sizeBytes) return false;
+  uint64_t e = f.epoch.load();
+  unsigned par = static_cast<unsigned>(e & 1);
+  q.fastInflight[par].fetch_add(1);
+  bool ok = f.epoch.load() == e && (op == UBLK_IO_OP_READ ? f.reads.load() : f.writes.load());
+  if (ok) {
+    uint64_t c0 = (off >> f.blockShift) >> f.chunkShift;
+    uint64_t c1 = ((off + len - 1) >> f.blockShift) >> f.chunkShift;
+    for (uint64_t c = c0; c <= c1 && ok; ++c) {
+      if ((f.bits[c >> 6].load() >> (c & 63)) & 1) ok = false;
+    }
+  }
+  if (!ok) {
+    q.fastInflight[par].fetch_sub(1);
+    return false;
+  }
+  io_uring_sqe* sqe = io_uring_get_sqe(ring);
+  if (sqe == nullptr) {
+    io_uring_submit(ring);
+    sqe = io_uring_get_sqe(ring);
+  }
+  uint8_t* buf = q.buf + static_cast<size_t>(tag) * q.maxIo;
+  if (op == UBLK_IO_OP_READ) io_uring_prep_read(sqe, f.fd.get(), buf, static_cast<unsigned>(len), off);
+  else io_uring_prep_write(sqe, f.fd.get(), buf, static_cast<unsigned>(len), off);
+  sqe->user_data = kFastFlag | (static_cast<uint64_t>(par) << 16) | tag;
+  fastLen[tag] = static_cast<uint32_t>(len);
+  return true;
+}
+
 void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
   UblkShared& s = *sp;
   UblkQueue& q = *qp;
@@ -404,7 +450,18 @@ void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
   int idle = 0;
   std::vector<UblkIoItem> batch;
   std::vector<std::pair<uint16_t, int32_t>> done;
+  std::vector<uint32_t> fastLen(q.depth, 0);
   batch.reserve(q.depth);
+  auto itemOf = [&](unsigned tag) {
+    const struct ublksrv_io_desc* iod = &q.iods[tag];
+    UblkIoItem it;
+    it.q = static_cast<uint16_t>(q.qid);
+    it.tag = static_cast<uint16_t>(tag);
+    it.opFlags = iod->op_flags;
+    it.startSector = iod->start_sector;
+    it.nrSectors = iod->nr_sectors;
+    return it;
+  };
   while (live > 0) {
     io_uring_cqe* cqe = nullptr;
     struct __kernel_timespec ts = {0, 100 * 1000 * 1000};
@@ -426,6 +483,39 @@ void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
         wakeArmed = false;
         continue;
       }
+      if ((cqe->user_data & kFastFlag) != 0) {
+        // A fast-path backing I/O finished: answer it here, or hand the
+        // request to the engine (which retries it and applies the error
+        // policy) when it did not transfer everything.
+        unsigned tag = static_cast<unsigned>(cqe->user_data & 0xffff);
+        unsigned par = static_cast<unsigned>((cqe->user_data >> 16) & 1);
+        int res = cqe->res;
+        if (tag < q.depth) {
+          uint32_t len = fastLen[tag];
+          bool isRead = tagOp[tag] == UBLK_IO_OP_READ;
+          if (res == static_cast<int>(len) && isRead && s.userCopy) {
+            const uint8_t* src = q.buf + static_cast<size_t>(tag) * q.maxIo;
+            ssize_t n = pwrite(s.cdevFd.get(), src, len, static_cast<off_t>(UblkUserCopyOffset(q.qid, tag)));
+            if (n != static_cast<ssize_t>(len)) res = -EIO;
+          }
+          if (res == static_cast<int>(len)) {
+            if (isRead) {
+              q.fastReads.fetch_add(1, std::memory_order_relaxed);
+              q.fastReadBytes.fetch_add(len, std::memory_order_relaxed);
+            } else {
+              q.fastWrites.fetch_add(1, std::memory_order_relaxed);
+              q.fastWriteBytes.fetch_add(len, std::memory_order_relaxed);
+            }
+            s.committed.fetch_add(1, std::memory_order_relaxed);
+            PrepIoCmd(&ring, s, q, true, tag, res);
+          } else {
+            q.fastFallbacks.fetch_add(1, std::memory_order_relaxed);
+            batch.push_back(itemOf(tag));
+          }
+        }
+        q.fastInflight[par].fetch_sub(1);
+        continue;
+      }
       unsigned tag = static_cast<unsigned>(cqe->user_data);
       if (cqe->res != UBLK_IO_RES_OK || tag >= q.depth) {
         // UBLK_IO_RES_ABORT (-ENODEV): the device is stopping; this tag is done.
@@ -433,12 +523,7 @@ void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
         continue;
       }
       const struct ublksrv_io_desc* iod = &q.iods[tag];
-      UblkIoItem it;
-      it.q = static_cast<uint16_t>(q.qid);
-      it.tag = static_cast<uint16_t>(tag);
-      it.opFlags = iod->op_flags;
-      it.startSector = iod->start_sector;
-      it.nrSectors = iod->nr_sectors;
+      UblkIoItem it = itemOf(tag);
       uint8_t op = static_cast<uint8_t>(iod->op_flags & 0xff);
       tagOp[tag] = op;
       s.fetched.fetch_add(1, std::memory_order_relaxed);
@@ -455,6 +540,7 @@ void QueueThreadMain(std::shared_ptr<UblkShared> sp, UblkQueue* qp) {
           continue;
         }
       }
+      if (!q.stop && TryFast(&ring, s, q, tag, iod, op, fastLen)) continue;
       batch.push_back(it);
     }
     io_uring_cq_advance(&ring, seen);
@@ -513,6 +599,11 @@ void NativeUblk::Init(Napi::Env env, Napi::Object exports) {
                                        InstanceMethod("startQueues", &NativeUblk::StartQueues),
                                        InstanceMethod("complete", &NativeUblk::Complete),
                                        InstanceMethod("stats", &NativeUblk::Stats),
+                                       InstanceMethod("fastSetup", &NativeUblk::FastSetup),
+                                       InstanceMethod("fastMark", &NativeUblk::FastMark),
+                                       InstanceMethod("fastEnable", &NativeUblk::FastEnable),
+                                       InstanceMethod("fastFlip", &NativeUblk::FastFlip),
+                                       InstanceMethod("fastInflight", &NativeUblk::FastInflight),
                                        InstanceMethod("close", &NativeUblk::Close),
                                    });
   exports.Set("NativeUblk", cls);
@@ -705,7 +796,109 @@ Napi::Value NativeUblk::Stats(const Napi::CallbackInfo& info) {
   o.Set("fetched", s_ ? static_cast<double>(s_->fetched.load()) : 0.0);
   o.Set("committed", s_ ? static_cast<double>(s_->committed.load()) : 0.0);
   o.Set("ioFlusher", s_ && !s_->queues.empty() ? s_->queues[0]->ioFlusherErr : 0);
+  double fr = 0, fw = 0, frb = 0, fwb = 0, ff = 0, fi = 0;
+  if (s_) {
+    for (auto& q : s_->queues) {
+      fr += static_cast<double>(q->fastReads.load(std::memory_order_relaxed));
+      fw += static_cast<double>(q->fastWrites.load(std::memory_order_relaxed));
+      frb += static_cast<double>(q->fastReadBytes.load(std::memory_order_relaxed));
+      fwb += static_cast<double>(q->fastWriteBytes.load(std::memory_order_relaxed));
+      ff += static_cast<double>(q->fastFallbacks.load(std::memory_order_relaxed));
+      fi += static_cast<double>(q->fastInflight[0].load() + q->fastInflight[1].load());
+    }
+  }
+  o.Set("fastReads", fr);
+  o.Set("fastWrites", fw);
+  o.Set("fastReadBytes", frb);
+  o.Set("fastWriteBytes", fwb);
+  o.Set("fastFallbacks", ff);
+  o.Set("fastInFlight", fi);
   return o;
+}
+
+// fastSetup(fd, sizeBytes, blockShift) -> 0 | -errno, before startQueues().
+// Takes ownership of fd (a dup of main's). The fast path starts off.
+Napi::Value NativeUblk::FastSetup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) return Napi::Number::New(env, -EINVAL);
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  if (!open_ || closed_ || !s_->queues.empty() || s_->fast.bits != nullptr) {
+    if (fd >= 0) ::close(fd);
+    return Napi::Number::New(env, -EINVAL);
+  }
+  double size = info[1].As<Napi::Number>().DoubleValue();
+  unsigned shift = info[2].As<Napi::Number>().Uint32Value();
+  if (fd < 0 || size <= 0 || shift < 9 || shift > 20) {
+    if (fd >= 0) ::close(fd);
+    return Napi::Number::New(env, -EINVAL);
+  }
+  UblkFast& f = s_->fast;
+  f.fd.reset(fd);
+  f.sizeBytes = static_cast<uint64_t>(size);
+  f.blockShift = shift;
+  uint64_t blocks = (f.sizeBytes + (1ULL << shift) - 1) >> shift;
+  // At most 2^27 chunks (16 MiB of bitmap): larger devices share a bit
+  // between neighbouring blocks.
+  f.chunkShift = 0;
+  while ((blocks >> f.chunkShift) > (1ULL << 27)) ++f.chunkShift;
+  uint64_t chunks = (blocks + (1ULL << f.chunkShift) - 1) >> f.chunkShift;
+  f.words = static_cast<size_t>((chunks + 63) / 64);
+  f.bits.reset(new (std::nothrow) std::atomic<uint64_t>[f.words]);
+  if (f.bits == nullptr) {
+    f.fd.reset();
+    return Napi::Number::New(env, -ENOMEM);
+  }
+  for (size_t i = 0; i < f.words; ++i) f.bits[i].store(0, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return Napi::Number::New(env, 0);
+}
+
+// fastMark(blocks: Float64Array, count): these blocks need the engine from
+// now on. Never cleared.
+Napi::Value NativeUblk::FastMark(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!s_ || s_->fast.bits == nullptr || info.Length() < 2 || !info[0].IsTypedArray()) return Napi::Number::New(env, -EINVAL);
+  UblkFast& f = s_->fast;
+  Napi::Float64Array a = info[0].As<Napi::Float64Array>();
+  size_t count = info[1].As<Napi::Number>().Uint32Value();
+  if (count > a.ElementLength()) return Napi::Number::New(env, -EINVAL);
+  const double* d = a.Data();
+  for (size_t i = 0; i < count; ++i) {
+    if (!(d[i] >= 0)) continue;
+    uint64_t c = static_cast<uint64_t>(d[i]) >> f.chunkShift;
+    if ((c >> 6) >= f.words) continue;
+    f.bits[c >> 6].fetch_or(1ULL << (c & 63));
+  }
+  return Napi::Number::New(env, 0);
+}
+
+// fastEnable(reads, writes)
+Napi::Value NativeUblk::FastEnable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!s_ || s_->fast.bits == nullptr || info.Length() < 2) return Napi::Number::New(env, -EINVAL);
+  s_->fast.reads.store(info[0].ToBoolean().Value());
+  s_->fast.writes.store(info[1].ToBoolean().Value());
+  return Napi::Number::New(env, 0);
+}
+
+// fastFlip() -> the parity of the epoch that just ended. Every fast I/O
+// checked before this call (against the marks and the switch as they were)
+// is counted under that parity until it completes: see fastInflight().
+Napi::Value NativeUblk::FastFlip(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!s_) return Napi::Number::New(env, 0);
+  uint64_t e = s_->fast.epoch.fetch_add(1);
+  return Napi::Number::New(env, static_cast<double>(e & 1));
+}
+
+// fastInflight(parity) -> fast I/Os of that parity still in flight.
+Napi::Value NativeUblk::FastInflight(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!s_ || info.Length() < 1) return Napi::Number::New(env, 0);
+  unsigned par = info[0].As<Napi::Number>().Uint32Value() & 1;
+  int64_t n = 0;
+  for (auto& q : s_->queues) n += q->fastInflight[par].load();
+  return Napi::Number::New(env, static_cast<double>(n));
 }
 
 void NativeUblk::UpdateLoopRef() {
@@ -813,6 +1006,7 @@ Napi::Value NativeUblk::Close(const Napi::CallbackInfo& info) {
       for (auto& r : bufRefs_) r.SuppressDestruct();
     } else {
       bufRefs_.clear();
+      s_->fast.fd.reset();
     }
     open_ = false;
     Unref();

@@ -84,6 +84,32 @@ struct UblkQueue {
   int startErr = 0;
   int ioFlusherErr = 0;
   std::condition_variable cv;  // ready / exited
+  // Native fast path (docs/UBLK.md "Fast path"): fast I/O in flight, by the
+  // parity of the epoch it was checked in, and what it did.
+  std::atomic<int64_t> fastInflight[2] = {{0}, {0}};
+  std::atomic<uint64_t> fastReads{0};
+  std::atomic<uint64_t> fastWrites{0};
+  std::atomic<uint64_t> fastReadBytes{0};
+  std::atomic<uint64_t> fastWriteBytes{0};
+  std::atomic<uint64_t> fastFallbacks{0};
+};
+
+// The non-remapped fast path: reads and writes of blocks that TS has not
+// marked slow go from the queue thread straight to main. TS owns the table;
+// this is a read-only mirror of "which blocks need the engine": a bitmap
+// over chunks of 2^chunkShift blocks that is only ever set (a superset is
+// always safe), an on/off switch, and an epoch that lets TS wait until
+// every fast I/O that was checked before a mark has completed.
+struct UblkFast {
+  UniqueFd fd;  // a dup of main's fd
+  uint64_t sizeBytes = 0;
+  unsigned blockShift = 12;
+  unsigned chunkShift = 0;
+  size_t words = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> bits;
+  std::atomic<bool> reads{false};
+  std::atomic<bool> writes{false};
+  std::atomic<uint64_t> epoch{0};
 };
 
 struct UblkShared {
@@ -104,6 +130,7 @@ struct UblkShared {
   std::vector<std::unique_ptr<UblkQueue>> queues;
   std::atomic<uint64_t> fetched{0};
   std::atomic<uint64_t> committed{0};
+  UblkFast fast;
   void Notify();
 };
 
@@ -119,6 +146,11 @@ class NativeUblk : public Napi::ObjectWrap<NativeUblk> {
   Napi::Value StartQueues(const Napi::CallbackInfo& info);
   Napi::Value Complete(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value FastSetup(const Napi::CallbackInfo& info);
+  Napi::Value FastMark(const Napi::CallbackInfo& info);
+  Napi::Value FastEnable(const Napi::CallbackInfo& info);
+  Napi::Value FastFlip(const Napi::CallbackInfo& info);
+  Napi::Value FastInflight(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void OnEvents();

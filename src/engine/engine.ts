@@ -56,6 +56,24 @@ export interface EngineStats {
   otherErrors: number;
 }
 
+/**
+ * A native fast path (the ublk queue threads, docs/UBLK.md "Fast path") that
+ * serves plain reads and writes of blocks the engine has not marked, straight
+ * on main. The engine stays the owner: it marks every block that needs it
+ * (remapped, pending, being copied or retired) before that matters, and
+ * waits for the fast I/O that may have missed a mark before it copies data.
+ */
+export interface FastPathMirror {
+  /** These blocks go through the engine from now on (marks are never cleared). */
+  mark(blocks: ArrayLike<number>): void;
+  /** Resolves once every fast I/O checked before the call has completed. */
+  drain(): Promise<void>;
+  /** Which requests the fast path may take. */
+  enable(reads: boolean, writes: boolean): void;
+  /** What it served (counted into the engine's stats). */
+  stats(): { reads: number; writes: number; bytesRead: number; bytesWritten: number; inFlight: number };
+}
+
 export interface EngineStatus {
   name: string;
   state: EngineState;
@@ -215,12 +233,28 @@ export class BlockEngine {
   private carryRecords: MetaRecord[] = [];
   private zeroBlock: Buffer | null = null;
 
-  readonly stats: EngineStats = {
+  private readonly st: EngineStats = {
     reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0,
     bytesRead: 0, bytesWritten: 0, readErrors: 0, writeErrors: 0,
     autoRemaps: 0, manualRemaps: 0, commitFailures: 0,
     flushErrors: 0, spareErrors: 0, otherErrors: 0,
   };
+  /** Native fast paths serving plain I/O of unmarked blocks (attachFastPath). */
+  private readonly mirrors = new Set<FastPathMirror>();
+
+  /** Request counters, including what attached fast paths served. */
+  get stats(): EngineStats {
+    if (this.mirrors.size === 0) return this.st;
+    const out = { ...this.st };
+    for (const m of this.mirrors) {
+      const f = m.stats();
+      out.reads += f.reads;
+      out.writes += f.writes;
+      out.bytesRead += f.bytesRead;
+      out.bytesWritten += f.bytesWritten;
+    }
+    return out;
+  }
 
   constructor(p: EngineParts) {
     this.name = p.name;
@@ -249,6 +283,60 @@ export class BlockEngine {
     this.spareWriteRetries = p.spareWriteRetries ?? 4;
     this.breaker = new RemapBreaker(p.breaker?.maxRemaps ?? 1024, p.breaker?.windowMs ?? 60_000);
     this.spareExhausted = this.allocator.free === 0;
+  }
+
+  /**
+   * Attach a fast path: every block that needs the engine now is marked
+   * first, then the fast path is switched on (writes only while the device
+   * is writable and running). Returns the detach: switch off, wait for its
+   * I/O, fold its counters into the engine's.
+   */
+  attachFastPath(m: FastPathMirror): () => Promise<void> {
+    const marks = [...this.remappedBlockList(), ...this.pending.values(), ...this.copyFence.keys(), ...this.retireFence];
+    for (let i = 0; i < marks.length; i += 65536) m.mark(marks.slice(i, i + 65536));
+    this.mirrors.add(m);
+    this.enableMirror(m);
+    let detached: Promise<void> | null = null;
+    return () => {
+      detached ??= (async () => {
+        m.enable(false, false);
+        await m.drain();
+        if (!this.mirrors.delete(m)) return;
+        const f = m.stats();
+        this.st.reads += f.reads;
+        this.st.writes += f.writes;
+        this.st.bytesRead += f.bytesRead;
+        this.st.bytesWritten += f.bytesWritten;
+      })();
+      return detached;
+    };
+  }
+
+  /** A new descriptor of main for a fast path (the caller owns it). */
+  dupMainFd(): number {
+    return this.main.dupFd();
+  }
+
+  private enableMirror(m: FastPathMirror): void {
+    const running = this.stateValue === 'running';
+    m.enable(running, running && !this.main.info.readOnly);
+  }
+
+  /** Blocks that must go through the engine from now on (see FastPathMirror). */
+  private markSlow(blocks: ArrayLike<number>): void {
+    for (const m of this.mirrors) m.mark(blocks);
+  }
+
+  private mirrorsInFlight(): number {
+    let n = 0;
+    for (const m of this.mirrors) n += m.stats().inFlight;
+    return n;
+  }
+
+  /** Waits for every fast I/O that may have been checked before the marks made so far. */
+  private drainMirrors(): Promise<unknown> {
+    if (this.mirrors.size === 0) return Promise.resolve();
+    return Promise.all([...this.mirrors].map((m) => m.drain()));
   }
 
   get state(): EngineState {
@@ -313,7 +401,7 @@ export class BlockEngine {
       spareExhausted: this.spareExhausted,
       breakerTripped: this.breaker.tripped,
       metadataSeq: this.writer.seq,
-      inFlight: this.inFlightRequests,
+      inFlight: this.inFlightRequests + this.mirrorsInFlight(),
       stats: { ...this.stats },
     };
   }
@@ -381,30 +469,30 @@ export class BlockEngine {
     const { offset, length } = req;
     const bs = this.blockSize;
     if (req.op === 'read') {
-      this.stats.reads++;
+      this.st.reads++;
       this.main.submit(BackingOp.READ, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, 0, (res) => {
         if (res === length) {
-          this.stats.bytesRead += length;
+          this.st.bytesRead += length;
           finish(null);
           return;
         }
         this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main')
-          .then(() => { this.stats.bytesRead += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
+          .then(() => { this.st.bytesRead += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
       });
       return;
     }
-    this.stats.writes++;
+    this.st.writes++;
     const fua = req.fua === true;
     const gen = this.mainWriteStart();
     this.main.submit(BackingOp.WRITE, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, fua ? IO_FUA : 0, (res) => {
       if (res === length) {
         this.mainWriteEnd(gen);
-        this.stats.bytesWritten += length;
+        this.st.bytesWritten += length;
         finish(null);
         return;
       }
       this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua)
-        .then(() => { this.mainWriteEnd(gen); this.stats.bytesWritten += length; finish(null); },
+        .then(() => { this.mainWriteEnd(gen); this.st.bytesWritten += length; finish(null); },
           (err: unknown) => { this.mainWriteEnd(gen); finish(asRemapError(err, this.name)); });
     });
   }
@@ -481,6 +569,7 @@ export class BlockEngine {
     if (this.stateValue === 'failed' || this.stateValue === 'closed') return;
     if (this.stateValue === 'running') this.stateValue = 'failed';
     this.failReasonValue = reason;
+    for (const m of this.mirrors) this.enableMirror(m);
     this.log.error({ event: 'device-failed', reason }, `device ${this.name} failed: ${reason}`);
   }
 
@@ -490,7 +579,7 @@ export class BlockEngine {
    */
   private nonMediaError(res: number, op: string, ctx: { block?: number; target: 'main' | 'spare'; offset: number; spare?: number }): RemapError {
     const cls = classifyErrno(res);
-    this.stats.otherErrors++;
+    this.st.otherErrors++;
     const dev = ctx.target === 'main' ? this.main.info.path : this.sparePathFor(ctx);
     if (cls === 'gone') this.fail(`${ctx.target} ${dev} is unreachable (${errnoName(res)}) during ${op}`);
     else if (cls === 'nospace') this.fail(`host filesystem under ${ctx.target} ${dev} is full (${errnoName(res)})`);
@@ -506,11 +595,11 @@ export class BlockEngine {
   // ------------------------------------------------------------------ read
 
   private async doRead(offset: number, length: number, buf: Uint8Array): Promise<void> {
-    this.stats.reads++;
+    this.st.reads++;
     const extents = planRange(this.table, offset, length, this.blockSize);
     if (extents.length === 1) await this.readExtent(extents[0], buf);
     else await Promise.all(extents.map((e) => this.readExtent(e, buf)));
-    this.stats.bytesRead += length;
+    this.st.bytesRead += length;
   }
 
   private async readExtent(e: Extent, buf: Uint8Array): Promise<void> {
@@ -533,9 +622,9 @@ export class BlockEngine {
   private async recoverRead(first: number, count: number, buf: Uint8Array, bufOffset: number, res: number, target: 'main' | 'spare'): Promise<void> {
     const bs = this.blockSize;
     if (res >= 0) res = -ERRNO.EIO; // short read inside the device: treat as a media error
-    if (target === 'spare') this.stats.spareErrors++;
+    if (target === 'spare') this.st.spareErrors++;
     if (classifyErrno(res) !== 'media') {
-      this.stats.readErrors++;
+      this.st.readErrors++;
       throw this.nonMediaError(res, 'read', { target, offset: first * bs, ...(target === 'spare' ? { spare: this.table.get(first) } : {}) });
     }
     const lost: number[] = [];
@@ -554,7 +643,7 @@ export class BlockEngine {
           : await this.main.io(BackingOp.READ, dst, logical * bs, bs);
         ok = last === bs;
         if (!ok && last < 0 && classifyErrno(last) !== 'media') {
-          this.stats.readErrors++;
+          this.st.readErrors++;
           throw this.nonMediaError(last, 'read', { target: spare >= 0 ? 'spare' : 'main', block: logical, offset: logical * bs });
         }
       }
@@ -596,13 +685,13 @@ export class BlockEngine {
         && !(rec.type === RecordType.SPARE_BAD && was >= 0 && rec.spare === was));
     }
     if (lost.length === 0) return;
-    this.stats.readErrors++;
+    this.st.readErrors++;
     if (records.length > 0) {
       try {
         await this.commit(records);
         for (const r of records) {
           if (r.type === RecordType.SPARE_BAD) this.badSpare.add(r.spare);
-          else this.pending.add(r.logical);
+          else { this.markSlow([r.logical]); this.pending.add(r.logical); }
         }
         this.log.warn({ event: 'read-error', blocks: lost, errno: errnoName(res) },
           `unreadable block(s) ${lost.join(',')} marked pending; the next write remaps them`);
@@ -618,7 +707,7 @@ export class BlockEngine {
   // ----------------------------------------------------------------- write
 
   private async doWrite(offset: number, length: number, buf: Uint8Array, fua: boolean): Promise<void> {
-    this.stats.writes++;
+    this.st.writes++;
     const gen = await this.passFence(offset, length);
     try {
       const extents = this.planWrite(offset, length);
@@ -627,7 +716,7 @@ export class BlockEngine {
     } finally {
       this.mainWriteEnd(gen);
     }
-    this.stats.bytesWritten += length;
+    this.st.bytesWritten += length;
   }
 
   // ------------------------------------------------ copy fence (manual remap)
@@ -682,16 +771,18 @@ export class BlockEngine {
     }
     let release!: () => void;
     const p = new Promise<void>((r) => { release = r; });
+    this.markSlow(blocks);
     for (const b of blocks) this.copyFence.set(b, p);
     const drained = this.fenceChain.then(() => {
       const old = this.writeGen & 1;
       this.writeGen++;
-      if (this.mainWrites[old] === 0) return undefined;
-      return new Promise<void>((r) => {
+      const mirrors = this.drainMirrors(); // fast writes that missed the marks above
+      if (this.mainWrites[old] === 0) return mirrors;
+      return Promise.all([mirrors, new Promise<void>((r) => {
         this.genWaiter = r;
         this.genWaiterParity = old;
-      });
-    });
+      })]);
+    }).then(() => undefined);
     this.fenceChain = drained;
     await drained;
     return () => {
@@ -779,8 +870,8 @@ export class BlockEngine {
    * as one) fails the request here, without remapping.
    */
   private countWriteError(res: number, ctx: { block?: number; target: 'main' | 'spare'; offset: number }): void {
-    this.stats.writeErrors++;
-    if (ctx.target === 'spare') this.stats.spareErrors++;
+    this.st.writeErrors++;
+    if (ctx.target === 'spare') this.st.spareErrors++;
     const errno = res >= 0 ? -ERRNO.EIO : res;
     if (classifyErrno(errno) !== 'media') throw this.nonMediaError(errno, 'write', ctx);
   }
@@ -905,7 +996,7 @@ export class BlockEngine {
           }
           records.push({ type: RecordType.SPARE_BAD, logical: 0, spare: a.spare, dataCrc: 0 });
           newlyBad.push(a.spare);
-          this.stats.spareErrors++;
+          this.st.spareErrors++;
           this.log.warn({ event: 'spare-bad', block: a.item.logical, spare: a.spare, errno: errnoName(r < 0 ? r : -ERRNO.EIO) },
             `spare block ${a.spare} failed a write; trying another`);
           if (a.tries + 1 > this.spareWriteRetries) {
@@ -930,12 +1021,13 @@ export class BlockEngine {
       }
       await this.commit(records, Math.max(1, dl.remaining()));
       for (const p of placed) {
+        this.markSlow([p.logical]);
         this.table.set(p.logical, p.spare);
         this.pending.delete(p.logical);
       }
       for (const s of newlyBad) this.badSpare.add(s);
-      if (automatic) this.stats.autoRemaps += placed.length;
-      else this.stats.manualRemaps += placed.length;
+      if (automatic) this.st.autoRemaps += placed.length;
+      else this.st.manualRemaps += placed.length;
       for (const p of placed) {
         this.log.warn({ event: 'remap', reason: why, block: p.logical, spare: p.spare, oldSpare: p.old >= 0 ? p.old : undefined },
           `block ${p.logical} remapped to spare block ${p.spare} (${why})`);
@@ -969,7 +1061,7 @@ export class BlockEngine {
     try {
       return await this.writer.commit(carried.length > 0 ? [...carried, ...records] : records, { timeoutMs });
     } catch (err) {
-      this.stats.commitFailures++;
+      this.st.commitFailures++;
       this.carryRecords.push(...carried);
       const errno = err instanceof RemapError ? err.errno : ERRNO.EIO;
       this.log.error({ event: 'metadata-commit-failed', errno: errnoName(errno), err: String(err) }, `metadata commit of ${this.name} failed`);
@@ -1067,6 +1159,7 @@ export class BlockEngine {
       try {
         if (records.length > 0) await this.commit(records);
         for (const u of unreadable) {
+          this.markSlow([u.block]);
           this.pending.add(u.block);
           out[u.index] = { block: u.block, result: 'pending', reason: `block ${u.block} is unreadable (${errnoName(u.errno)}); it is remapped on its next write` };
         }
@@ -1106,9 +1199,9 @@ export class BlockEngine {
   }
 
   private async doFlush(): Promise<void> {
-    this.stats.flushes++;
+    this.st.flushes++;
     if (this.flushLatch !== 0) {
-      this.stats.flushErrors++;
+      this.st.flushErrors++;
       throw new RemapError(ERRNO.EIO, `an earlier flush failed (${errnoName(this.flushLatch)}); the device stays failed`, { device: this.name, op: 'flush' });
     }
     const [m, s] = await Promise.all([
@@ -1118,7 +1211,7 @@ export class BlockEngine {
     if (m < 0) this.latchFlushFailure(m, 'main');
     if (s < 0) this.latchFlushFailure(s, 'spare');
     if (m < 0 || s < 0) {
-      this.stats.flushErrors++;
+      this.st.flushErrors++;
       throw new RemapError(ERRNO.EIO, `flush failed (${errnoName(m < 0 ? m : s)})`, { device: this.name, op: 'flush' });
     }
   }
@@ -1126,7 +1219,7 @@ export class BlockEngine {
   // ------------------------------------------------------ discard / zeroes
 
   private async doDiscard(offset: number, length: number): Promise<void> {
-    this.stats.discards++;
+    this.st.discards++;
     this.requireWritable('discard');
     const bs = this.blockSize;
     // DISCARD is advisory: an unsupported discard is a success. It does not
@@ -1149,7 +1242,7 @@ export class BlockEngine {
   }
 
   private async doWriteZeroes(offset: number, length: number, fua: boolean): Promise<void> {
-    this.stats.writeZeroes++;
+    this.st.writeZeroes++;
     this.requireWritable('writeZeroes');
     const gen = await this.passFence(offset, length);
     try {
@@ -1209,7 +1302,8 @@ export class BlockEngine {
       return { elapsedMs: 0, requestsAbandoned: 0, ioCancelled: 0, ioAbandoned: 0, metadataAborted: false, synced: false };
     }
     this.stateValue = 'stopping';
-    const drained = await within(this.drain(), deadline.remaining());
+    for (const m of this.mirrors) this.enableMirror(m);
+    const drained = await within(Promise.all([this.drain(), this.drainMirrors()]), deadline.remaining());
     const requestsAbandoned = drained.done ? 0 : this.inFlightRequests;
     // Metadata writes still in the kernel (a commit that timed out, or one
     // cut short by this close) are what "aborted" reports; a stuck data
@@ -1357,6 +1451,7 @@ export class BlockEngine {
     // Fence: new requests touching these blocks wait; wait for those already under way.
     let release!: () => void;
     this.retireFenceReleased = new Promise<void>((r) => { release = r; });
+    this.markSlow(fenced.map((g) => g.block));
     for (const g of fenced) this.retireFence.add(g.block);
     // Only the requests touching the group: one hung elsewhere must not stall it.
     const running: Array<Promise<void>> = [];
@@ -1537,7 +1632,7 @@ export class BlockEngine {
     for (let p = this.pending.nextInRange(first, end); p >= 0; p = this.pending.nextInRange(p + 1, end)) {
       const spare = this.table.get(p);
       if (spare >= 0 && this.badSpare.has(spare)) {
-        this.stats.readErrors++;
+        this.st.readErrors++;
         throw new RemapError(ERRNO.EIO, `block ${p} is unreadable until it is rewritten (pending; its spare block ${spare} is bad)`, {
           device: this.name, op: 'read', block: p,
         });
@@ -1599,6 +1694,7 @@ export class BlockEngine {
           ]));
           for (const { block, spare } of placed) {
             this.badSpare.add(spare);
+            this.markSlow([block]);
             this.table.set(block, spare);
             this.pending.add(block);
             out.push({ block, spare });

@@ -205,6 +205,16 @@ export class BackingDevice {
     return this.io(BackingOp.WRITE_ZEROES, null, offset, length);
   }
 
+  /**
+   * A new descriptor of the open device, owned by the caller (the ublk fast
+   * path does its own I/O on it, docs/UBLK.md). Throws when closed.
+   */
+  dupFd(): number {
+    const fd = this.#closed ? -EBADF : this.#native.dupFd();
+    if (fd < 0) throw new RemapError(-fd, `cannot duplicate the descriptor of ${this.info.path}`, { op: 'dup' });
+    return fd;
+  }
+
   close(timeoutMs = 5000): Promise<CloseResult> {
     if (this.#closePromise === null) this.#closePromise = this.#close(timeoutMs);
     return this.#closePromise;

@@ -38,6 +38,8 @@ export interface NativeBackingHandle {
    * Per-op errors come back as completions, never from this call.
    */
   submit(desc: Float64Array, bufs: (Uint8Array | null)[], count: number): number;
+  /** A new close-on-exec descriptor of the open device (the ublk fast path's), or -errno. */
+  dupFd(): number;
   /** Submit one IORING_OP_ASYNC_CANCEL (ANY|ALL). Its completion comes back with id 0. */
   cancel(): number;
   /** Tear down poll, ring, eventfd, fd, worker. Waits at most workerWaitMs for the ioctl worker. */

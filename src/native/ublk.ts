@@ -76,8 +76,27 @@ interface NativeUblkHandle {
   ctrl(seq: number, op: number, devId: number, timeoutMs: number, params: Float64Array): number;
   startQueues(devId: number, depth: number, maxIo: number, userCopy: boolean, useIoctl: boolean, ioBatch: Float64Array, bufs: Buffer[]): number;
   complete(desc: Float64Array, count: number): number;
-  stats(): { fetched: number; committed: number; ioFlusher: number };
+  stats(): UblkNativeStats;
+  fastSetup(fd: number, sizeBytes: number, blockShift: number): number;
+  fastMark(blocks: Float64Array, count: number): number;
+  fastEnable(reads: boolean, writes: boolean): number;
+  fastFlip(): number;
+  fastInflight(parity: number): number;
   close(waitMs: number): { ctrlDetached: boolean };
+}
+
+export interface UblkNativeStats {
+  fetched: number;
+  committed: number;
+  ioFlusher: number;
+  /** Fast path (docs/UBLK.md): requests answered by the queue threads without the engine. */
+  fastReads: number;
+  fastWrites: number;
+  fastReadBytes: number;
+  fastWriteBytes: number;
+  /** Fast I/Os that did not transfer everything and went to the engine. */
+  fastFallbacks: number;
+  fastInFlight: number;
 }
 
 interface NativeUblkConstructor {
@@ -157,8 +176,30 @@ export class UblkNative {
     return this.h.complete(desc, count);
   }
 
-  stats(): { fetched: number; committed: number; ioFlusher: number } {
+  stats(): UblkNativeStats {
     return this.h.stats();
+  }
+
+  /** The fast path on main's descriptor `fd` (taken over, closed natively); before startQueues. */
+  fastSetup(fd: number, sizeBytes: number, blockShift: number): number {
+    return this.h.fastSetup(fd, sizeBytes, blockShift);
+  }
+
+  fastMark(blocks: Float64Array, count: number): void {
+    this.h.fastMark(blocks, count);
+  }
+
+  fastEnable(reads: boolean, writes: boolean): void {
+    this.h.fastEnable(reads, writes);
+  }
+
+  /** Ends the current epoch; returns its parity for fastInflight(). */
+  fastFlip(): number {
+    return this.h.fastFlip();
+  }
+
+  fastInflight(parity: number): number {
+    return this.h.fastInflight(parity);
   }
 
   close(waitMs: number): { ctrlDetached: boolean } {

@@ -119,6 +119,38 @@ echo "remove: $(el "$T")"
 check dm-remove dmsetup remove dmrmain
 losetup -d "$LOOP"
 
+# ------------------------------------------------------------ 2b: fast path
+# Plain reads and writes of unmarked blocks are served by the queue threads
+# straight on main (docs/UBLK.md "Fast path"). A manual remap marks its
+# blocks, waits for the fast writes that missed the mark, then copies: fio
+# writes every block of 32 MiB (4 passes, each verified) while every 8th
+# block is remapped; a write lost to the copy fails the verify.
+section "ublk fast path: remaps racing fast writes"
+truncate -s 64M $W/fmain.img
+truncate -s 16M $W/fspare.img
+OUT=$(ctl add u4 --main $W/fmain.img --spare $W/fspare.img --format --ublk 2>&1)
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/ublkb*) pass add-fast "$DEV" ;; *) fail add-fast "$OUT" ;; esac
+T=$(up)
+(ctl remap u4 $(seq 0 8 8191) >$W/remap-race.out 2>&1; echo "remap exit $? at $(el "$T")" >>$W/remap-race.out) &
+RPID=$!
+check fast-race-fio fio --name=race --filename="$DEV" --rw=randwrite --bs=4k --size=32M --loops=4 --iodepth=16 --ioengine=libaio --direct=1 \
+	--verify=crc32c --verify_fatal=1 --output=$W/fio-race.log
+echo "fio done at $(el "$T")"
+wait $RPID
+tail -n1 $W/remap-race.out
+grep -q "remap exit 0" $W/remap-race.out && pass fast-race-remap "" || fail fast-race-remap "$(tail -n3 $W/remap-race.out)"
+REMAPPED=$(ctl status u4 --json | json 'v.remappedBlocks')
+[ "${REMAPPED:-0}" -ge 1024 ] && pass fast-race-remapped "$REMAPPED" || fail fast-race-remapped "$REMAPPED"
+check fast-race-reverify fio --name=race --filename="$DEV" --rw=randwrite --bs=4k --size=32M --iodepth=16 --ioengine=libaio --direct=1 \
+	--verify=crc32c --verify_fatal=1 --verify_only --output=$W/fio-reverify.log
+check remove-fast ctl remove u4
+LINE=$(grep '"ublk-detached"' $W/daemon.log | tail -n1)
+echo "$LINE"
+FW=$(echo "$LINE" | sed -n 's/.*"fastWrites":\([0-9]*\).*/\1/p')
+FR=$(echo "$LINE" | sed -n 's/.*"fastReads":\([0-9]*\).*/\1/p')
+[ "${FW:-0}" -gt 10000 ] && [ "${FR:-0}" -gt 10000 ] && pass fast-path-used "fastWrites $FW fastReads $FR" || fail fast-path-used "fastWrites ${FW:-none} fastReads ${FR:-none}"
+
 # ------------------------------------------------------------ 3: throughput, both copy modes
 section "ublk throughput (USER_COPY, then per-tag buffers)"
 truncate -s 256M $W/tmain.img

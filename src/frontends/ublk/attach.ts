@@ -14,7 +14,7 @@
  * and a new device is added, with the reason logged.
  */
 import type { Logger } from 'pino';
-import type { BlockEngine, EngineOp, EngineRequest } from '../../engine/engine.js';
+import type { BlockEngine, EngineOp, EngineRequest, FastPathMirror } from '../../engine/engine.js';
 import { ERRNO, RemapError, errnoName } from '../../errors.js';
 import { allocAligned } from '../../native/backing.js';
 import {
@@ -44,6 +44,12 @@ export interface UblkOptions {
   onRecord?: (r: UblkRecord | null) => Promise<void>;
   /** How long to wait for the kernel to be done with a crashed server before recovery (10000 ms). */
   recoveryWaitMs?: number;
+  /**
+   * Serve plain reads and writes of blocks that are neither remapped nor
+   * pending on the queue threads, straight on main (true; DM_REMAPD_UBLK_FAST=0
+   * disables). docs/UBLK.md "Fast path".
+   */
+  fastPath?: boolean;
 }
 
 export interface UblkAttachment {
@@ -86,6 +92,58 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/**
+ * The engine's view of the queue threads' fast path (FastPathMirror): marks
+ * go to the native bitmap, and a drain ends the native epoch and waits until
+ * the fast I/O counted in it has completed.
+ */
+class UblkFastMirror implements FastPathMirror {
+  private chain: Promise<void> = Promise.resolve();
+  private readonly scratch = new Float64Array(4096);
+
+  constructor(private readonly native: UblkNative) {}
+
+  mark(blocks: ArrayLike<number>): void {
+    for (let i = 0; i < blocks.length; i += this.scratch.length) {
+      const n = Math.min(this.scratch.length, blocks.length - i);
+      for (let j = 0; j < n; j++) this.scratch[j] = blocks[i + j];
+      this.native.fastMark(this.scratch, n);
+    }
+  }
+
+  drain(): Promise<void> {
+    const p = this.chain.then(() => this.waitEpoch(this.native.fastFlip()));
+    this.chain = p;
+    return p;
+  }
+
+  private waitEpoch(parity: number): Promise<void> {
+    return new Promise((resolve) => {
+      let polls = 0;
+      const poll = (): void => {
+        if (this.native.fastInflight(parity) <= 0) {
+          resolve();
+          return;
+        }
+        // Fast I/O takes microseconds unless main is slow: poll at once a
+        // few times, then every millisecond.
+        if (++polls < 32) setImmediate(poll);
+        else setTimeout(poll, 1);
+      };
+      poll();
+    });
+  }
+
+  enable(reads: boolean, writes: boolean): void {
+    this.native.fastEnable(reads, writes);
+  }
+
+  stats(): { reads: number; writes: number; bytesRead: number; bytesWritten: number; inFlight: number } {
+    const s = this.native.stats();
+    return { reads: s.fastReads, writes: s.fastWrites, bytesRead: s.fastReadBytes, bytesWritten: s.fastWriteBytes, inFlight: s.fastInFlight };
+  }
+}
+
 /** The native object plus the request plumbing between the queue threads and the engine. */
 class Server {
   readonly native: UblkNative;
@@ -116,6 +174,44 @@ class Server {
     for (let q = 0; q < nq; q++) this.bufs.push(allocAligned(depth * maxIo, 4096));
     this.batch = new Float64Array(nq * depth * UBLK_BATCH_STRIDE);
     this.out = new Float64Array(nq * depth * 3);
+  }
+
+  /** Switches the fast path off and waits for its I/O (null: there is none). */
+  fastOff: (() => Promise<void>) | null = null;
+  private fastReady = false;
+
+  /**
+   * Prepares the fast path (before startQueues): the queue threads get their
+   * own descriptor of main. A failure leaves every request to the engine.
+   */
+  setupFast(enabled: boolean, log: Logger): void {
+    if (!enabled) return;
+    let fd = -1;
+    try {
+      fd = this.engine.dupMainFd();
+    } catch (err) {
+      log.warn({ event: 'ublk-fast-path-off', error: (err as Error).message }, `${this.engine.name}: no fast path (${(err as Error).message})`);
+      return;
+    }
+    const r = this.native.fastSetup(fd, this.engine.sizeBytes, log2(this.engine.blockSize));
+    if (r < 0) {
+      log.warn({ event: 'ublk-fast-path-off', errno: -r }, `${this.engine.name}: no fast path (${errnoName(-r)})`);
+      return;
+    }
+    this.fastReady = true;
+  }
+
+  /** Hands the fast path to the engine, which marks its blocks and switches it on (once the device is live). */
+  startFast(): void {
+    if (!this.fastReady || this.fastOff !== null) return;
+    this.fastOff = this.engine.attachFastPath(new UblkFastMirror(this.native));
+  }
+
+  /** Switches the fast path off and waits (at most ms) for its I/O in flight. */
+  async stopFast(ms: number): Promise<void> {
+    if (this.fastOff === null) return;
+    const done = this.fastOff();
+    await Promise.race([done, sleep(Math.max(0, ms))]);
   }
 
   startQueues(devId: number, userCopy: boolean, useIoctl: boolean): number {
@@ -253,6 +349,7 @@ export async function attachUblkDevice(engine: BlockEngine, o: UblkOptions): Pro
   }
   const t = o.ctrlTimeoutMs ?? 10_000;
   const recovery = o.recovery ?? process.env.DM_REMAPD_UBLK_RECOVERY !== '0';
+  const fastPath = o.fastPath ?? process.env.DM_REMAPD_UBLK_FAST !== '0';
   const readOnly = o.readOnly === true || engine.capabilities().readOnly;
   const record = async (r: UblkRecord | null): Promise<void> => {
     if (o.onRecord === undefined) return;
@@ -275,7 +372,7 @@ export async function attachUblkDevice(engine: BlockEngine, o: UblkOptions): Pro
     if (v.kind === 'recover') {
       try {
         return await recover(srv, engine, v.info, prev, { log, t, features: f.res === 0 ? f.out[0] : 0, useIoctl: f.res === 0 && f.out[1] === 1,
-          waitMs: o.recoveryWaitMs ?? 10_000, t0, record });
+          waitMs: o.recoveryWaitMs ?? 10_000, t0, record, fastPath });
       } catch (err) {
         const e = err as Error;
         log.warn({ event: 'ublk-recovery-failed', ...ctx, error: e.message, errno: (err as { errno?: number }).errno },
@@ -296,7 +393,7 @@ export async function attachUblkDevice(engine: BlockEngine, o: UblkOptions): Pro
       if (v.kind === 'forget') await record(null);
     }
   }
-  return addNew(srv, engine, o, { log, t, f, recovery, readOnly, record });
+  return addNew(srv, engine, o, { log, t, f, recovery, readOnly, record, fastPath });
 }
 
 /**
@@ -354,6 +451,7 @@ async function teardown(srv: Server, devId: number, t: number, stop: boolean): P
 interface Ctx {
   log: Logger;
   t: number;
+  fastPath: boolean;
   record: (r: UblkRecord | null) => Promise<void>;
 }
 
@@ -379,6 +477,7 @@ async function recover(srv: Server, engine: BlockEngine, info: UblkDevInfo, prev
   const userCopy = (info.flags & UBLK_F.USER_COPY) !== 0;
   const bs = engine.blockSize;
   srv.setup(info.queues, info.depth, Math.floor(info.maxIoBytes / bs) * bs);
+  srv.setupFast(c.fastPath, log);
   const r = srv.startQueues(devId, userCopy, c.useIoctl);
   if (r < 0) throw new RemapError(-r, `cannot start the queue threads of /dev/ublkc${devId}`, { device: name, op: 'ublk-recover' });
   const tQueues = Date.now();
@@ -389,13 +488,14 @@ async function recover(srv: Server, engine: BlockEngine, info: UblkDevInfo, prev
   // Returns once every tag has a FETCH_REQ; the device is live again and the
   // requests held since the crash are reissued to this process.
   await srv.native.ctrl(UblkCtrlOp.END_RECOVERY, devId, t, [], name);
+  srv.startFast();
   await c.record({ ...prev, pid: process.pid });
   const device = `/dev/ublkb${devId}`;
   log.info({ event: 'ublk-attached', ublkDevice: device, recovered: true, previousPid: prev.pid, features: c.features, flags: info.flags, userCopy,
-    useIoctl: c.useIoctl, queues: info.queues, depth: info.depth, maxIo: srv.maxIo, ioFlusher: srv.native.stats().ioFlusher,
+    useIoctl: c.useIoctl, queues: info.queues, depth: info.depth, maxIo: srv.maxIo, ioFlusher: srv.native.stats().ioFlusher, fastPath: srv.fastOff !== null,
     startRecoveryTries: tries, waitMs: tStarted - c.t0, queuesMs: tQueues - tStarted, endRecoveryMs: Date.now() - tQueues, recoveryMs: Date.now() - c.t0 },
   `${name} recovered ${device} from process ${prev.pid} in ${Date.now() - c.t0} ms`);
-  return attachment(srv, engine, { device, devId, features: c.features, flags: info.flags, userCopy, recovered: true, log, t, record: c.record });
+  return attachment(srv, engine, { device, devId, features: c.features, flags: info.flags, userCopy, recovered: true, log, t, record: c.record, fastPath: c.fastPath });
 }
 
 async function addNew(srv: Server, engine: BlockEngine, o: UblkOptions,
@@ -440,15 +540,17 @@ async function addNew(srv: Server, engine: BlockEngine, o: UblkOptions,
       attrs, log2(bs), log2(bs), maxIo / 512, Math.floor(engine.sizeBytes / 512), discardSectors, discardSectors, bs,
     ], name);
     srv.setup(nq, depth, maxIo);
+    srv.setupFast(c.fastPath, log);
     const r = srv.startQueues(devId, userCopy, useIoctl);
     if (r < 0) throw new RemapError(-r, `cannot start the queue threads of /dev/ublkc${devId}`, { device: name, op: 'ublk-queues' });
     const t0 = Date.now();
     started = true;
     await srv.native.ctrl(UblkCtrlOp.START, devId, t, [], name);
+    srv.startFast();
     const device = `/dev/ublkb${devId}`;
     log.info({ event: 'ublk-attached', ublkDevice: device, recovered: false, features, flags: gotFlags, userCopy, useIoctl, queues: nq, depth, maxIo,
-      ioFlusher: srv.native.stats().ioFlusher, startMs: Date.now() - t0 }, `${name} attached as ${device}`);
-    return attachment(srv, engine, { device, devId, features, flags: gotFlags, userCopy, recovered: false, log, t, record: c.record });
+      ioFlusher: srv.native.stats().ioFlusher, fastPath: srv.fastOff !== null, startMs: Date.now() - t0 }, `${name} attached as ${device}`);
+    return attachment(srv, engine, { device, devId, features, flags: gotFlags, userCopy, recovered: false, log, t, record: c.record, fastPath: c.fastPath });
   } catch (err) {
     await cleanup().catch(() => undefined);
     throw err;
@@ -467,6 +569,7 @@ function attachment(srv: Server, engine: BlockEngine, a: Ctx & {
   const detach = (deadlineMs: number): Promise<{ requestsFailed: number; elapsedMs: number }> => {
     const p = (ending ??= (async () => {
       const t1 = Date.now();
+      await srv.stopFast(deadlineMs / 4);
       let requestsFailed = 0;
       // STOP_DEV waits for the requests in flight (del_gendisk): if the
       // engine has not answered them by half the deadline, answer them EIO.
@@ -500,6 +603,7 @@ function attachment(srv: Server, engine: BlockEngine, a: Ctx & {
   const suspend = (deadlineMs: number): Promise<{ requestsHeld: number; requestsUnfinished: number; elapsedMs: number }> => {
     const p = (ending ??= (async () => {
       const t1 = Date.now();
+      await srv.stopFast(deadlineMs / 2);
       // With REISSUE, a request left unanswered is requeued by the kernel
       // when the queue threads stop; without it, it would fail: keep serving.
       if (reissue) srv.parking = true;
