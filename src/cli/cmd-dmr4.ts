@@ -83,7 +83,7 @@ export function registerDmr4Commands(program: Command, ctx: CommandContext): voi
       const { g, o } = ctx(cmd);
       const from = resolve(opts.from);
       if (opts.dryRun === true) {
-        const devFlags = ['main', 'spare', 'spareTail', 'format', 'blockSize', 'nbdUnix', 'nbdTcp', 'nbdDevice', 'ublk', 'metadataTimeout'] as const;
+        const devFlags = ['main', 'spare', 'spareTail', 'format', 'blockSize', 'nbdUnix', 'nbdTcp', 'nbdDevice', 'ublk', 'ublkQueues', 'ublkDepth', 'metadataTimeout'] as const;
         if (name !== undefined || devFlags.some((k) => opts[k] !== undefined)) {
           throw new CommanderError(EXIT.USAGE, 'remapctl.usage', 'import-dmr4 --dry-run takes only --from (and --json): it creates nothing');
         }
@@ -96,7 +96,7 @@ export function registerDmr4Commands(program: Command, ctx: CommandContext): voi
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `import-dmr4 ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
       }
-      const args: Record<string, unknown> = { name, from, main: resolve(opts.main), ...deviceArgs(opts) };
+      const args: Record<string, unknown> = { name, from, main: resolve(opts.main), ...deviceArgs(opts, `import-dmr4 ${name}`) };
       const r = (await request(g.socket, 'importDmr4', args, 3_600_000)) as ImportDmr4Result;
       o.print(importText(r), r);
     });

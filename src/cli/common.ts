@@ -5,8 +5,9 @@
  * registered from remapctl.ts.
  */
 import { resolve } from 'node:path';
-import { Command, InvalidArgumentError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { parseHostPort, type ErrorCode } from '../daemon/protocol.js';
+import { UBLK_MAX_DEPTH, UBLK_MAX_QUEUES } from '../daemon/state.js';
 import { parseSize } from './size.js';
 
 export const EXIT = {
@@ -124,6 +125,8 @@ export interface DeviceFlags {
   nbdTcp?: string;
   nbdDevice?: string;
   ublk?: boolean;
+  ublkQueues?: number;
+  ublkDepth?: number;
   metadataTimeout?: number;
 }
 
@@ -138,11 +141,18 @@ export function deviceOptions(cmd: Command, spareWhat: string): Command {
     .option('--nbd-tcp <host:port>', 'export over NBD on this TCP address', hostPortArg)
     .option('--nbd-device <dev>', 'attach the kernel NBD client: /dev/nbdN or auto (prints the device)', nbdDeviceArg)
     .option('--ublk', 'serve the device as /dev/ublkbN (prints the device)')
+    .option('--ublk-queues <n>', `with --ublk: hardware queues, 1..${UBLK_MAX_QUEUES} (default 1; the kernel caps them at its CPU count)`,
+      intArg('ublk queues', 1, UBLK_MAX_QUEUES))
+    .option('--ublk-depth <n>', `with --ublk: tags per queue, 1..${UBLK_MAX_DEPTH} (default 128)`, intArg('ublk depth', 1, UBLK_MAX_DEPTH))
     .option('--metadata-timeout <ms>', 'metadata commit timeout, also the default removal deadline', intArg('metadata timeout', 1, 3_600_000));
 }
 
-/** The control-request arguments of DeviceFlags (paths made absolute). */
-export function deviceArgs(opts: DeviceFlags): Record<string, unknown> {
+/** The control-request arguments of DeviceFlags (paths made absolute); `what` names the command and device in usage errors ("add d0"). */
+export function deviceArgs(opts: DeviceFlags, what: string): Record<string, unknown> {
+  if (opts.ublk !== true) {
+    const flag = opts.ublkQueues !== undefined ? '--ublk-queues' : opts.ublkDepth !== undefined ? '--ublk-depth' : null;
+    if (flag !== null) throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `${what}: ${flag} needs --ublk`);
+  }
   const args: Record<string, unknown> = {};
   if (opts.spare !== undefined) args.spare = resolve(opts.spare);
   if (opts.spareTail !== undefined) args.spareTailBytes = opts.spareTail;
@@ -152,6 +162,8 @@ export function deviceArgs(opts: DeviceFlags): Record<string, unknown> {
   if (opts.nbdTcp !== undefined) args.nbdTcp = opts.nbdTcp;
   if (opts.nbdDevice !== undefined) args.nbdDevice = opts.nbdDevice;
   if (opts.ublk === true) args.ublk = true;
+  if (opts.ublkQueues !== undefined) args.ublkQueues = opts.ublkQueues;
+  if (opts.ublkDepth !== undefined) args.ublkDepth = opts.ublkDepth;
   if (opts.metadataTimeout !== undefined) args.metadataTimeoutMs = opts.metadataTimeout;
   return args;
 }

@@ -47,6 +47,8 @@ function statusDetail(d: DeviceStatus): string {
     ['read errors', n(d.readErrors)], ['write errors', n(d.writeErrors)], ['metadata seq', n(d.metadataSeq)],
     ['exports', d.exports.length > 0 ? d.exports.join(', ') : '-'], ['connections', String(d.connections)],
   ];
+  const u = d.ublk ?? null;
+  if (u !== null) kv.push(['ublk queues', `${u.queues} x depth ${u.depth} (${u.device})`]);
   if (d.breakerTripped === true) kv.push(['breaker', 'TRIPPED']);
   if (d.failReason !== null) kv.push(['fail reason', d.failReason]);
   const w = Math.max(...kv.map(([k]) => k.length)) + 1;
@@ -101,7 +103,7 @@ function buildProgram(out: { current: Output | null }): Command {
       if ((opts.spare === undefined) === (opts.spareTail === undefined)) {
         throw new CommanderError(EXIT.USAGE, 'remapctl.usage', `add ${name}: give exactly one of --spare PATH or --spare-tail SIZE`);
       }
-      const args: Record<string, unknown> = { name, main: resolve(opts.main), ...deviceArgs(opts) };
+      const args: Record<string, unknown> = { name, main: resolve(opts.main), ...deviceArgs(opts, `add ${name}`) };
       if (opts.extraSpare.length > 0) args.spares = opts.extraSpare.map((p) => resolve(p));
       if (opts.poolReserve !== undefined) args.poolReserveBytes = opts.poolReserve;
       if (opts.allowIdentityChange === true) args.allowIdentityChange = true;

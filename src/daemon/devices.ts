@@ -17,9 +17,18 @@ import { HEALTH_DEFAULTS, HealthTracker, type DeviceHealth, type HealthConfig, t
 
 export type { DeviceSpec } from './state.js';
 
+/** A device's /dev/ublkbN with the queues and depth the kernel gave it (`remapctl status --json`, "ublk"). */
+export interface UblkStatus {
+  device: string;
+  queues: number;
+  depth: number;
+}
+
 /** The part of an NBD export the manager uses (NbdExport satisfies it). */
 export interface ExportHandle {
   readonly endpoints: string[];
+  /** Set by the ublk export. */
+  readonly ublk?: UblkStatus;
   connectionCount(): number;
   /** reason 'shutdown' (daemon stop): a ublk device with USER_RECOVERY is left to the next daemon instead of deleted. */
   close(deadlineMs: number, reason?: 'remove' | 'shutdown'): Promise<{ connectionsClosed: number }>;
@@ -50,6 +59,7 @@ function joinExports(a: ExportHandle | null, b: ExportHandle | null): ExportHand
   if (a === null || b === null) return a ?? b;
   return {
     endpoints: [...a.endpoints, ...b.endpoints],
+    ublk: a.ublk ?? b.ublk,
     connectionCount: () => a.connectionCount() + b.connectionCount(),
     close: async (ms, reason) => {
       const [x, y] = await Promise.all([a.close(ms, reason), b.close(ms, reason)]);
@@ -87,6 +97,8 @@ export interface DeviceStatus {
   spare: string | null;
   spareTailBytes: number | null;
   exports: string[];
+  /** The ublk device and its queues x depth; null when the device has none (attached). */
+  ublk: UblkStatus | null;
   connections: number;
   sizeBytes: number | null;
   blockSize: number | null;
@@ -353,6 +365,7 @@ export class DeviceManager {
       spare: e.spec.spare ?? null,
       spareTailBytes: e.spec.spareTailBytes ?? null,
       exports: e.exp?.endpoints ?? [],
+      ublk: e.exp?.ublk ?? null,
       connections: e.exp?.connectionCount() ?? 0,
       sizeBytes: s?.sizeBytes ?? null,
       blockSize: s?.blockSize ?? null,

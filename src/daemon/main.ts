@@ -27,7 +27,7 @@ import { spareHandlers } from './handlers-spare.js';
 import { BY_REMAP_DIR, StableNames, UDEV_NAMES_DIR, attachStableNames, kernelDeviceOf } from './stable-names.js';
 import { checkMountNamespace, detachOwnMounts } from './mount-namespace.js';
 import { backingPaths, reassembleWaitMs, waitForPaths } from './boot-wait.js';
-import { StateFile } from './state.js';
+import { StateFile, UBLK_MAX_DEPTH, UBLK_MAX_QUEUES } from './state.js';
 import { openersHandlers, refuseRemoveIfOpen } from './handlers-openers.js';
 
 function version(): string {
@@ -119,6 +119,13 @@ function specFromArgs(args: Record<string, unknown>, cfg: DaemonConfig): { spec:
   const nbdDevice = argNbdDevice('add', args);
   if (nbdDevice !== undefined) spec.nbdDevice = nbdDevice;
   if (argBool('add', args, 'ublk') === true) spec.ublk = true;
+  const ublkQueues = argInt('add', args, 'ublkQueues', 1, UBLK_MAX_QUEUES);
+  const ublkDepth = argInt('add', args, 'ublkDepth', 1, UBLK_MAX_DEPTH);
+  if ((ublkQueues !== undefined || ublkDepth !== undefined) && spec.ublk !== true) {
+    throw new ControlError('BAD_REQUEST', `add: argument "${ublkQueues !== undefined ? 'ublkQueues' : 'ublkDepth'}" needs "ublk": true for device "${name}"`);
+  }
+  if (ublkQueues !== undefined) spec.ublkQueues = ublkQueues;
+  if (ublkDepth !== undefined) spec.ublkDepth = ublkDepth;
   const description = argString('add', args, 'description', true);
   if (description !== undefined) spec.description = description;
   return { spec, format: argBool('add', args, 'format') === true };

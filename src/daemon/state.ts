@@ -30,8 +30,18 @@ export interface DeviceSpec {
   nbdDevice?: string;
   /** Serve the device as /dev/ublkbN (docs/UBLK.md). */
   ublk?: boolean;
+  /** With ublk: hardware queues asked of the kernel (1..UBLK_MAX_QUEUES; default 1; the kernel caps them at its CPU count). */
+  ublkQueues?: number;
+  /** With ublk: tags per queue (1..UBLK_MAX_DEPTH; default 128). */
+  ublkDepth?: number;
   description?: string;
 }
+
+/** Limits of `ublkQueues` and `ublkDepth` (docs/UBLK.md "Queues"); the kernel's queue depth limit is UBLK_MAX_QUEUE_DEPTH = 4096. */
+export const UBLK_MAX_QUEUES = 16;
+export const UBLK_MAX_DEPTH = 4096;
+export const UBLK_DEFAULT_QUEUES = 1;
+export const UBLK_DEFAULT_DEPTH = 128;
 
 interface StateFileV1 {
   version: 1;

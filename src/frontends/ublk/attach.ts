@@ -63,6 +63,9 @@ export interface UblkAttachment {
   readonly recovered: boolean;
   /** USER_RECOVERY is on: when this daemon exits, the kernel keeps the device and holds its requests for the next one. */
   readonly recoverable: boolean;
+  /** Hardware queues and tags per queue the kernel gave the device (a recovered device keeps its own). */
+  readonly queues: number;
+  readonly depth: number;
   /** Requests handed to the engine and not answered yet. */
   inFlight(): number;
   stats(): { fetched: number; committed: number; ioFlusher: number };
@@ -495,7 +498,8 @@ async function recover(srv: Server, engine: BlockEngine, info: UblkDevInfo, prev
     useIoctl: c.useIoctl, queues: info.queues, depth: info.depth, maxIo: srv.maxIo, ioFlusher: srv.native.stats().ioFlusher, fastPath: srv.fastOff !== null,
     startRecoveryTries: tries, waitMs: tStarted - c.t0, queuesMs: tQueues - tStarted, endRecoveryMs: Date.now() - tQueues, recoveryMs: Date.now() - c.t0 },
   `${name} recovered ${device} from process ${prev.pid} in ${Date.now() - c.t0} ms`);
-  return attachment(srv, engine, { device, devId, features: c.features, flags: info.flags, userCopy, recovered: true, log, t, record: c.record, fastPath: c.fastPath });
+  return attachment(srv, engine, { device, devId, features: c.features, flags: info.flags, userCopy, recovered: true, log, t, record: c.record, fastPath: c.fastPath,
+    queues: info.queues, depth: info.depth });
 }
 
 async function addNew(srv: Server, engine: BlockEngine, o: UblkOptions,
@@ -550,7 +554,8 @@ async function addNew(srv: Server, engine: BlockEngine, o: UblkOptions,
     const device = `/dev/ublkb${devId}`;
     log.info({ event: 'ublk-attached', ublkDevice: device, recovered: false, features, flags: gotFlags, userCopy, useIoctl, queues: nq, depth, maxIo,
       ioFlusher: srv.native.stats().ioFlusher, fastPath: srv.fastOff !== null, startMs: Date.now() - t0 }, `${name} attached as ${device}`);
-    return attachment(srv, engine, { device, devId, features, flags: gotFlags, userCopy, recovered: false, log, t, record: c.record, fastPath: c.fastPath });
+    return attachment(srv, engine, { device, devId, features, flags: gotFlags, userCopy, recovered: false, log, t, record: c.record, fastPath: c.fastPath,
+      queues: nq, depth });
   } catch (err) {
     await cleanup().catch(() => undefined);
     throw err;
@@ -558,7 +563,7 @@ async function addNew(srv: Server, engine: BlockEngine, o: UblkOptions,
 }
 
 function attachment(srv: Server, engine: BlockEngine, a: Ctx & {
-  device: string; devId: number; features: number; flags: number; userCopy: boolean; recovered: boolean;
+  device: string; devId: number; features: number; flags: number; userCopy: boolean; recovered: boolean; queues: number; depth: number;
 }): UblkAttachment {
   const { log, device, devId } = a;
   const native = srv.native;
@@ -623,7 +628,7 @@ function attachment(srv: Server, engine: BlockEngine, a: Ctx & {
   };
 
   return {
-    device, devId, features: a.features, flags: a.flags, userCopy: a.userCopy, recovered: a.recovered, recoverable,
+    device, devId, features: a.features, flags: a.flags, userCopy: a.userCopy, recovered: a.recovered, recoverable, queues: a.queues, depth: a.depth,
     inFlight: () => srv.inflight.size,
     stats: () => native.stats(),
     detach,

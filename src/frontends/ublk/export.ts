@@ -11,19 +11,34 @@
  */
 import type { Logger } from 'pino';
 import type { BlockEngine } from '../../engine/engine.js';
-import type { DeviceSpec } from '../../daemon/state.js';
+import { ERRNO, RemapError } from '../../errors.js';
+import { UBLK_DEFAULT_DEPTH, UBLK_DEFAULT_QUEUES, UBLK_MAX_DEPTH, UBLK_MAX_QUEUES, type DeviceSpec } from '../../daemon/state.js';
+import type { UblkStatus } from '../../daemon/devices.js';
 import { attachUblkDevice, deleteRecordedUblk, type UblkAttachment } from './attach.js';
 import { UblkRecordStore } from './record.js';
 
 export interface UblkExport {
   readonly endpoints: string[];
+  readonly ublk: UblkStatus;
   readonly attachment: UblkAttachment;
   connectionCount(): number;
   close(deadlineMs: number, reason?: 'remove' | 'shutdown'): Promise<{ connectionsClosed: number }>;
 }
 
+/** spec.ublkQueues / spec.ublkDepth (devices.json may have been edited by hand): the value, its default, or EINVAL naming it. */
+function specInt(spec: DeviceSpec, key: 'ublkQueues' | 'ublkDepth', dflt: number, max: number): number {
+  const v: unknown = spec[key];
+  if (v === undefined) return dflt;
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v > max) {
+    throw new RemapError(ERRNO.EINVAL, `device spec "${key}" must be an integer in 1..${max}, got ${JSON.stringify(v)}`, { device: spec.name, op: 'ublk-attach' });
+  }
+  return v;
+}
+
 export async function startUblkExport(engine: BlockEngine, spec: DeviceSpec, logger: Logger, ctx?: { stateDir?: string }): Promise<UblkExport> {
   const log = logger.child({ device: spec.name });
+  const queues = specInt(spec, 'ublkQueues', UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES);
+  const depth = specInt(spec, 'ublkDepth', UBLK_DEFAULT_DEPTH, UBLK_MAX_DEPTH);
   const store = ctx?.stateDir === undefined ? null : new UblkRecordStore(ctx.stateDir);
   let previous = null;
   if (store !== null) {
@@ -34,11 +49,20 @@ export async function startUblkExport(engine: BlockEngine, spec: DeviceSpec, log
   const a = await attachUblkDevice(engine, {
     readOnly: spec.readOnly,
     logger: log,
+    queues,
+    depth,
     previous,
     onRecord: store === null ? undefined : (r) => (r === null ? store.remove(spec.name) : store.save(spec.name, r)),
   });
+  if (a.queues !== queues || a.depth !== depth) {
+    // Recovered: the kernel keeps the device's queues. Added: it caps the queues at its CPU count.
+    log.info({ event: 'ublk-queues-differ', ublkDevice: a.device, queuesAsked: queues, depthAsked: depth, queues: a.queues, depth: a.depth, recovered: a.recovered },
+      `${spec.name}: ${a.device} has ${a.queues} queue(s) of depth ${a.depth}, not the ${queues} x ${depth} asked for `
+      + `(${a.recovered ? 'a recovered device keeps its queues' : 'the kernel chose'})`);
+  }
   return {
     endpoints: [a.device],
+    ublk: { device: a.device, queues: a.queues, depth: a.depth },
     attachment: a,
     connectionCount: () => 1,
     close: async (ms, reason) => {
