@@ -14,14 +14,14 @@
 #     metadata reopens with the remaps after.
 #  5. remove --force of a mounted device: done within the timeout + 1 s; the
 #     device goes once the filesystem is unmounted.
-#  6. DMR_GUEST_CYCLES (default 20) rapid add/remove cycles with I/O: fd,
+#  6. DMR_GUEST_CYCLES (default 100, as the issue asks) rapid add/remove cycles with I/O: fd,
 #     thread and RSS figures of the daemon flat (tests/vm/cycles.mjs).
 #  7. daemon stopped: no ublkcN left; the frontend's module unloads.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/guest-daemon.sh"
 
 KIND=${KIND:?run guest-matrix-ublk.sh or guest-matrix-nbd.sh}
-CYCLES=${DMR_GUEST_CYCLES:-20}
+CYCLES=${DMR_GUEST_CYCLES:-100}
 RM_TIMEOUT=3000 # ms, the deadline given to every remove below
 case $KIND in
 ublk) MOD=ublk_drv ATTACH=--ublk ;;

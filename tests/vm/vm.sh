@@ -19,9 +19,12 @@
 # DMR_VM_MEM (2G), DMR_VM_SMP (2), DMR_VM_ACCEL (tcg|kvm), DMR_VM_REFRESH=1
 # (fetch the kernel again), DMR_VM_QUIET=1 (console only in the log file).
 # Every DMR_GUEST_* variable is passed to the guest script (e.g.
-# DMR_GUEST_CYCLES=100 for guest-matrix-*.sh).
+# DMR_GUEST_CYCLES=N for guest-matrix-*.sh, 100 by default).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The project is shared on its own too: a checkout under /tmp, /var/tmp, /root or
+# /run would be hidden by the tmpfs the guest mounts there (a CI clone often is).
+PROJECT_DIR=$(cd "$HERE/../.." && pwd)
 CACHE=${DMR_VM_CACHE:-/var/tmp/dm-remapd-vm}
 HOST_PACKAGES=(qemu-system-x86 busybox-static kmod cpio xz-utils dmsetup e2fsprogs nbd-client debian-archive-keyring udev)
 
@@ -170,9 +173,10 @@ run_guest() {
 		-serial stdio \
 		-kernel "$CACHE/kernel/root/boot/vmlinuz-$kv" \
 		-initrd "$CACHE/initramfs.cpio.gz" \
-		-append "console=ttyS0 panic=-1 loglevel=4 dmr.work=$CACHE dmr.run=$run dmr.cmd=$script dmr.timeout=$guest_to" \
+		-append "console=ttyS0 panic=-1 loglevel=4 dmr.work=$CACHE dmr.run=$run dmr.cmd=$script dmr.timeout=$guest_to dmr.project=$PROJECT_DIR" \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 		-virtfs "local,path=$CACHE,mount_tag=work,security_model=none,multidevs=remap" \
+		-virtfs "local,path=$PROJECT_DIR,mount_tag=project,security_model=none,readonly=on,multidevs=remap" \
 		</dev/null 2>&1 | if [ "${DMR_VM_QUIET:-0}" = 1 ]; then cat >"$log"; else tee "$log"; fi
 	set -e
 	timing guest "$t" "qemu wall time"
