@@ -6,6 +6,11 @@
 #     is loaded live (suspend/load/resume) under a file's blocks; rewriting the
 #     file through /dev/nbdN succeeds, `remapctl status --json` counts the
 #     remaps, the data reads back, fsck stays clean.
+#  3. main and spare as dm devices over overlapping parts of one loop device
+#     (dm-linear, dm-delay, dm-flakey): refused, exit 2, the loop device and
+#     both byte ranges named, nothing written; disjoint ones accepted, and
+#     refused to a second device (exit 5) while the first has them.
+#  4. nbd attached through the ioctls instead of netlink.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/guest-daemon.sh"
 
@@ -108,12 +113,60 @@ check dm-remove dmsetup remove dmrmain
 losetup -d "$LOOP"
 check modprobe-r-nbd-end unload nbd
 
+# ------------------------------------------------------------ 3: overlap through dm
+# Two dm devices over overlapping parts of one loop device both open O_EXCL
+# (dm holds the loop device once, for both): stack-overlap.ts reads their
+# tables and refuses the pair (exit 2, EINVAL) before anything is written.
+section "overlap through dm"
+check modprobe-dm-targets modules dm-delay dm-flakey
+truncate -s 64M $W/ov.img
+OVL=$(losetup -f --show $W/ov.img)
+# sectors of $OVL: a = 0..32767, b = 16384..49151 (the second half of a), c = 32768..65535 (after a)
+check dm-ov-create sh -c "dmsetup create dmrova --table '0 32768 linear $OVL 0' && dmsetup create dmrovb --table '0 32768 linear $OVL 16384' && dmsetup create dmrovc --table '0 32768 linear $OVL 32768'"
+dmsetup mknodes
+echo "dmrovb: $(dmsetup table --major "$(dmsetup info -c --noheadings -o major dmrovb | tr -d ' ')" --minor "$(dmsetup info -c --noheadings -o minor dmrovb | tr -d ' ')")"
+# expect_refused NAME EXIT TEXT ctl-args...: remapctl exits EXIT and prints TEXT
+expect_refused() {
+	local name=$1 want=$2 text=$3 out rc
+	shift 3
+	out=$(ctl "$@" 2>&1)
+	rc=$?
+	echo "$name: exit $rc: $out"
+	case "$out" in
+	*"$text"*) [ $rc -eq "$want" ] && pass "$name" "exit $rc" || fail "$name" "exit $rc, expected $want" ;;
+	*) fail "$name" "exit $rc, no \"$text\" in: $out" ;;
+	esac
+}
+expect_refused dm-overlap-refused 2 "spare /dev/mapper/dmrovb overlaps the main /dev/mapper/dmrova: both are stored on $OVL (bytes 8388608..25165824 and 0..16777216)" \
+	add ov1 --main /dev/mapper/dmrova --spare /dev/mapper/dmrovb --format
+check dm-overlap-nothing-written cmp -n $((64 << 20)) $OVL /dev/zero
+ctl inspect /dev/mapper/dmrovb >/dev/null 2>&1 && fail dm-overlap-no-metadata "inspect found metadata on the spare" || pass dm-overlap-no-metadata ""
+[ "$(ctl list --json | json v.length)" = 0 ] && pass dm-overlap-not-listed "" || fail dm-overlap-not-listed "$(ctl list)"
+T=$(up)
+check dm-disjoint-accepted ctl add ov2 --main /dev/mapper/dmrova --spare /dev/mapper/dmrovc --format
+echo "disjoint dm-linear main/spare accepted in $(el "$T")"
+# another device on b (over a's second half) while ov2 has a: the daemon's cross-device check
+truncate -s 16M $W/ov3-spare.img
+expect_refused dm-overlap-other-device 5 "/dev/mapper/dmrovb overlaps /dev/mapper/dmrova, used by device \"ov2\": both are stored on $OVL" \
+	add ov3 --main /dev/mapper/dmrovb --spare $W/ov3-spare.img --format
+check dm-disjoint-removed ctl remove ov2
+# a spare that is a delay / flakey device over a part of a (reads of a dm-linear main's bytes through another target)
+check dm-ov-create-delay-flakey sh -c "dmsetup create dmrovd --table '0 16384 delay $OVL 24576 0' && dmsetup create dmrovf --table '0 16384 flakey $OVL 8192 1 0'"
+dmsetup mknodes
+expect_refused dm-overlap-delay-refused 2 "spare /dev/mapper/dmrovd overlaps the main /dev/mapper/dmrova: both are stored on $OVL (bytes 12582912..20971520 and 0..16777216)" \
+	add ov4 --main /dev/mapper/dmrova --spare /dev/mapper/dmrovd --format
+expect_refused dm-overlap-flakey-refused 2 "spare /dev/mapper/dmrovf overlaps the main /dev/mapper/dmrova: both are stored on $OVL (bytes 4194304..12582912 and 0..16777216)" \
+	add ov5 --main /dev/mapper/dmrova --spare /dev/mapper/dmrovf --format
+[ "$(ctl list --json | json v.length)" = 0 ] && pass dm-overlap-none-left "" || fail dm-overlap-none-left "$(ctl list)"
+check dm-ov-remove dmsetup remove dmrova dmrovb dmrovc dmrovd dmrovf
+losetup -d "$OVL"
+
 section daemon
 kill "$DPID" && wait "$DPID"
 echo "daemon exit $?"
 DPID=
 
-# ------------------------------------------------------------ 3: the ioctl fallback
+# ------------------------------------------------------------ 4: the ioctl fallback
 section "nbd attach through the ioctls"
 check modprobe-nbd-ioctl modules nbd
 SOCK=$W/control2.sock
