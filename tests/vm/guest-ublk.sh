@@ -6,6 +6,9 @@
 #  2. main = loop device under a device-mapper linear table; an `error`
 #     segment is loaded live under a file's blocks; rewriting the file through
 #     /dev/ublkbN succeeds, `remapctl status --json` counts the remaps.
+#  2b. fast path: live remaps racing fio verify writes.
+#  2c. --ublk-queues 2 --ublk-depth 64: 2 blk-mq queues of 64 tags, status,
+#     devices.json, fio verify with 2 jobs.
 #  3. throughput (dd, O_DIRECT) with USER_COPY and with per-tag buffers
 #     (DM_REMAPD_UBLK_COPY=buffers), plus a round trip and ext4 on the latter.
 #  4. no /dev/ublkcN left; `modprobe -r ublk_drv` succeeds.
@@ -150,6 +153,32 @@ echo "$LINE"
 FW=$(echo "$LINE" | sed -n 's/.*"fastWrites":\([0-9]*\).*/\1/p')
 FR=$(echo "$LINE" | sed -n 's/.*"fastReads":\([0-9]*\).*/\1/p')
 [ "${FW:-0}" -gt 10000 ] && [ "${FR:-0}" -gt 10000 ] && pass fast-path-used "fastWrites $FW fastReads $FR" || fail fast-path-used "fastWrites ${FW:-none} fastReads ${FR:-none}"
+
+# ------------------------------------------------------------ 2c: queues and depth
+# `--ublk-queues 2 --ublk-depth 64` (docs/UBLK.md "Queues"): the kernel's
+# blk-mq has 2 hardware queues of 64 tags, status and devices.json say so,
+# and fio verify with 2 jobs (the guest has 2 vCPUs, so both queues carry I/O).
+section "ublk queues and depth (2 x 64)"
+truncate -s 64M $W/qmain.img
+truncate -s 16M $W/qspare.img
+OUT=$(ctl add u5 --main $W/qmain.img --spare $W/qspare.img --format --ublk --ublk-queues 2 --ublk-depth 64 2>&1)
+DEV=$(echo "$OUT" | tail -n1)
+case "$DEV" in /dev/ublkb*) pass add-queues "$DEV" ;; *) fail add-queues "$OUT" ;; esac
+ID=${DEV#/dev/ublkb}
+grep '"ublk-attached"' $W/daemon.log | tail -n1
+NQ=$(ls /sys/block/ublkb$ID/mq/ 2>/dev/null | wc -l)
+[ "$NQ" -eq 2 ] && pass queues-mq "$(ls /sys/block/ublkb$ID/mq/ | tr '\n' ' ')" || fail queues-mq "mq entries: $NQ ($(ls /sys/block/ublkb$ID/mq/ 2>&1 | tr '\n' ' '))"
+TAGS=$(cat /sys/block/ublkb$ID/mq/0/nr_tags /sys/block/ublkb$ID/mq/1/nr_tags 2>/dev/null | tr '\n' ' ')
+[ "$TAGS" = "64 64 " ] && pass queues-nr-tags "$TAGS" || fail queues-nr-tags "nr_tags: '$TAGS'"
+QS=$(ctl status u5 --json | json 'v.ublk.device+" "+v.ublk.queues+" "+v.ublk.depth')
+[ "$QS" = "$DEV 2 64" ] && pass queues-status "$QS" || fail queues-status "status ublk: '$QS'"
+SPEC=$(json 'JSON.stringify(v.devices.filter(d=>d.name==="u5").map(d=>[d.ublk,d.ublkQueues,d.ublkDepth]))' <$W/state/devices.json)
+[ "$SPEC" = '[[true,2,64]]' ] && pass queues-spec "devices.json $SPEC" || fail queues-spec "devices.json u5: '$SPEC'"
+check queues-fio fio --name=q --filename="$DEV" --rw=randwrite --bs=4k --size=16M --numjobs=2 --offset_increment=16M --iodepth=32 \
+	--ioengine=libaio --direct=1 --verify=crc32c --verify_fatal=1 --group_reporting --output=$W/fio-queues.log
+grep -E 'IOPS|err=' $W/fio-queues.log | head -n 3
+check remove-queues ctl remove u5
+[ -e /sys/class/ublk-char/ublkc$ID ] && fail ublkc-gone-queues "ublkc$ID still exists" || pass ublkc-gone-queues ""
 
 # ------------------------------------------------------------ 3: throughput, both copy modes
 section "ublk throughput (USER_COPY, then per-tag buffers)"
