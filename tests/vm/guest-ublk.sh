@@ -157,7 +157,7 @@ FR=$(echo "$LINE" | sed -n 's/.*"fastReads":\([0-9]*\).*/\1/p')
 # ------------------------------------------------------------ 2c: queues and depth
 # `--ublk-queues 2 --ublk-depth 64` (docs/UBLK.md "Queues"): the kernel's
 # blk-mq has 2 hardware queues of 64 tags, status and devices.json say so,
-# and fio verify with 2 jobs (the guest has 2 vCPUs, so both queues carry I/O).
+# and fio verify with 2 jobs (the guest has 2 vCPUs, so both queues may carry I/O).
 section "ublk queues and depth (2 x 64)"
 truncate -s 64M $W/qmain.img
 truncate -s 16M $W/qspare.img
