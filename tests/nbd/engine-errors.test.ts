@@ -135,7 +135,13 @@ describe('engine errors over the wire', () => {
     ].join('\n'));
     await disk.waitBlocked(1);
     const removing = ctl(dm.sock, '--json', 'remove', 'sd', '--timeout', '1000');
-    await new Promise((r) => setTimeout(r, 300));
+    // The new READs go out once the removal has begun (remapctl's own start-up
+    // can take longer than any fixed wait on a loaded machine).
+    for (let i = 0; i < 400; i++) {
+      const st = (await request(dm.sock, 'status', { name: 'sd' })).result as { state?: string } | undefined;
+      if (st?.state === 'stopping') break;
+      await new Promise((r) => setTimeout(r, 10));
+    }
     writeFileSync(JSON.parse(trigger) as string, '');
     const rm = await removing;
     const a = (await busy.out).split('\n');
