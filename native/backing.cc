@@ -193,6 +193,13 @@ int NativeBacking::OpenImpl(const std::string& path, bool direct, bool readOnly,
     errorStage_ = "io_uring_register_eventfd";
     return rc;
   }
+  // The device as a registered file: no file lookup and reference count per
+  // request (DM_REMAPD_FIXED_FILE=0 turns it off, for comparisons). Optional.
+  const char* ff = getenv("DM_REMAPD_FIXED_FILE");
+  if (ff == nullptr || strcmp(ff, "0") != 0) {
+    int one = shared_->fd.get();
+    fixedFile_ = io_uring_register_files(&ring_, &one, 1) == 0;
+  }
 
   Napi::Env env = Env();
   uv_loop_t* loop = nullptr;
@@ -269,6 +276,24 @@ int NativeBacking::SetupRing(unsigned depth) {
     if (rc != -EINVAL) return rc;  // only "unknown flag" falls back
   }
   return rc;
+}
+
+static size_t TypedArrayElementSize(napi_typedarray_type t) {
+  switch (t) {
+    case napi_int16_array:
+    case napi_uint16_array:
+      return 2;
+    case napi_int32_array:
+    case napi_uint32_array:
+    case napi_float32_array:
+      return 4;
+    case napi_float64_array:
+    case napi_bigint64_array:
+    case napi_biguint64_array:
+      return 8;
+    default:
+      return 1;
+  }
 }
 
 Napi::Value NativeBacking::Info(const Napi::CallbackInfo& info) {
@@ -376,7 +401,8 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
   }
   const size_t count = static_cast<size_t>(dcount);
   const double* d = descArr.Data();
-  const int fd = shared_->fd.get();
+  const int fd = fixedFile_ ? 0 : shared_->fd.get();
+  const uint8_t sqeFlags = fixedFile_ ? IOSQE_FIXED_FILE : 0;
   const double kMaxU64 = 9007199254740991.0;  // 2^53-1: exact in a double
   unsigned queued = 0;
   bool wasIdle = inflight_ == 0;
@@ -397,15 +423,23 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
     switch (op) {
       case kOpRead:
       case kOpWrite: {
-        Napi::Value b = bufs.Get(static_cast<uint32_t>(i));
-        if (!b.IsTypedArray()) {
+        // One napi call for the view's address and size (this is per request).
+        napi_value b;
+        bool isTa = false;
+        if (napi_get_element(env, bufs, static_cast<uint32_t>(i), &b) != napi_ok ||
+            napi_is_typedarray(env, b, &isTa) != napi_ok || !isTa) {
           PushImmediate(id, -EFAULT);
           break;
         }
-        Napi::TypedArray t = b.As<Napi::TypedArray>();
-        size_t byteLen = t.ByteLength();
-        uint8_t* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
-        if (base == nullptr && byteLen > 0) {
+        napi_typedarray_type taType;
+        size_t elems = 0;
+        void* data = nullptr;
+        if (napi_get_typedarray_info(env, b, &taType, &elems, &data, nullptr, nullptr) != napi_ok) {
+          PushImmediate(id, -EFAULT);
+          break;
+        }
+        size_t byteLen = elems * TypedArrayElementSize(taType);
+        if (data == nullptr && byteLen > 0) {
           PushImmediate(id, -EFAULT);  // detached buffer
           break;
         }
@@ -413,7 +447,7 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
           PushImmediate(id, -EINVAL);
           break;
         }
-        uint8_t* ptr = base == nullptr ? nullptr : base + t.ByteOffset();
+        uint8_t* ptr = static_cast<uint8_t*>(data);
         // ext4 (6.1+) silently serves misaligned O_DIRECT through the page
         // cache; refuse it here so direct mode never hides write errors.
         if (direct_ && ((offset | length) % logicalBlockSize_ != 0 ||
@@ -432,6 +466,7 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
           io_uring_prep_write(sqe, fd, ptr, static_cast<unsigned>(length), offset);
           if (flags & kFlagFua) sqe->rw_flags = RWF_DSYNC;
         }
+        sqe->flags |= sqeFlags;
         io_uring_sqe_set_data64(sqe, id);
         ++queued;
         ++inflight_;
@@ -444,6 +479,7 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
           break;
         }
         io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+        sqe->flags |= sqeFlags;
         io_uring_sqe_set_data64(sqe, id);
         ++queued;
         ++inflight_;
@@ -464,6 +500,7 @@ Napi::Value NativeBacking::Submit(const Napi::CallbackInfo& info) {
         int mode = op == kOpDiscard ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
                                     : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
         io_uring_prep_fallocate(sqe, fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length));
+        sqe->flags |= sqeFlags;
         io_uring_sqe_set_data64(sqe, id);
         ++queued;
         ++inflight_;

@@ -113,6 +113,7 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   io_uring ring_{};
   bool ringInit_ = false;
   bool deferTaskrun_ = false;
+  bool fixedFile_ = false;  // the fd is registered with the ring as file 0
   std::string ringSetup_;
   UniqueFd eventFd_;
   uv_poll_t* poll_ = nullptr;
