@@ -25,6 +25,9 @@ export interface UblkExport {
   close(deadlineMs: number, reason?: 'remove' | 'shutdown'): Promise<{ connectionsClosed: number }>;
 }
 
+/** At most this many tags in all (1 GiB of per-tag buffers). */
+const UBLK_MAX_TAGS = 2048;
+
 /** spec.ublkQueues / spec.ublkDepth (devices.json may have been edited by hand): the value, its default, or EINVAL naming it. */
 function specInt(spec: DeviceSpec, key: 'ublkQueues' | 'ublkDepth', dflt: number, max: number): number {
   const v: unknown = spec[key];
@@ -39,6 +42,11 @@ export async function startUblkExport(engine: BlockEngine, spec: DeviceSpec, log
   const log = logger.child({ device: spec.name });
   const queues = specInt(spec, 'ublkQueues', UBLK_DEFAULT_QUEUES, UBLK_MAX_QUEUES);
   const depth = specInt(spec, 'ublkDepth', UBLK_DEFAULT_DEPTH, UBLK_MAX_DEPTH);
+  // Every tag holds a buffer of the largest request (512 KiB), resident from the start.
+  if (queues * depth > UBLK_MAX_TAGS) {
+    throw new RemapError(ERRNO.EINVAL, `ublk queues x depth must be at most ${UBLK_MAX_TAGS} (each tag holds a 512 KiB buffer), got ${queues} x ${depth} `
+      + `= ${queues * depth} tags, ${(queues * depth) / 2} MiB`, { device: spec.name, op: 'ublk-attach' });
+  }
   const store = ctx?.stateDir === undefined ? null : new UblkRecordStore(ctx.stateDir);
   let previous = null;
   if (store !== null) {
