@@ -322,6 +322,52 @@ export class BlockEngine {
     m.enable(running, running && !this.main.info.readOnly);
   }
 
+  // ------------------------------------------ main liveness (no remap storm on a dead main)
+
+  /** Byte offset of the last plain request that main served in full (-1: none yet). */
+  private lastGoodMain = -1;
+  private aliveCheck: { at: number; alive: Promise<boolean> } | null = null;
+
+  /**
+   * A media error on main remaps (or marks pending) only blocks of a main
+   * that still answers. A device that fails everything (a dm table swapped
+   * for `error` by `dmsetup remove --force`, a dead disk that still says EIO)
+   * would otherwise burn the spare one block at a time. So before the first
+   * remap of an error, main is probed: one-block reads at the last place that
+   * worked, block 0 and the middle, skipping the failed blocks. If every
+   * probe fails, the device fails (no remap, no pending mark) with the
+   * blocks, the errno and the probes named. One probe serves the errors of
+   * the next 250 ms.
+   */
+  private async requireMainAlive(op: 'read' | 'write', blocks: readonly number[], res: number): Promise<void> {
+    if (this.stateValue === 'failed') {
+      throw new RemapError(ERRNO.EIO, `device has failed (${this.failReasonValue ?? 'unknown'}); block ${blocks[0]} not remapped`,
+        { device: this.name, op, block: blocks[0] });
+    }
+    const now = Date.now();
+    if (this.aliveCheck === null || now - this.aliveCheck.at > 250) this.aliveCheck = { at: now, alive: this.probeMain(new Set(blocks), op, blocks[0], res) };
+    if (await this.aliveCheck.alive) return;
+    throw new RemapError(ERRNO.EIO, `${op} of block ${blocks[0]} failed (${errnoName(res)}) and main answers nothing else: not remapped`,
+      { device: this.name, op, block: blocks[0] });
+  }
+
+  private async probeMain(failed: ReadonlySet<number>, op: string, block: number, res: number): Promise<boolean> {
+    const bs = this.blockSize;
+    const candidates = [this.lastGoodMain >= 0 ? Math.floor(this.lastGoodMain / bs) : -1, 0, Math.floor(this.blocks / 2)];
+    const probes = [...new Set(candidates)].filter((b) => b >= 0 && b < this.blocks && !failed.has(b) && this.table.get(b) < 0 && !this.pending.has(b));
+    if (probes.length === 0) return true; // nothing to compare with: treat as a media error
+    const buf = allocAligned(bs);
+    const results: string[] = [];
+    for (const b of probes) {
+      const r = await this.main.io(BackingOp.READ, buf, b * bs, bs);
+      if (r === bs) return true;
+      results.push(`block ${b}: ${r < 0 ? errnoName(r) : `short read ${r}`}`);
+    }
+    this.fail(`main ${this.main.info.path} failed a ${op} of block ${block} (${errnoName(res)}) and every probe read too (${results.join(', ')}): `
+      + 'it looks dead or disconnected, so nothing is remapped');
+    return false;
+  }
+
   /** Blocks that must go through the engine from now on (see FastPathMirror). */
   private markSlow(blocks: ArrayLike<number>): void {
     for (const m of this.mirrors) m.mark(blocks);
@@ -473,6 +519,7 @@ export class BlockEngine {
       this.main.submit(BackingOp.READ, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, 0, (res) => {
         if (res === length) {
           this.st.bytesRead += length;
+          this.lastGoodMain = offset;
           finish(null);
           return;
         }
@@ -488,6 +535,7 @@ export class BlockEngine {
       if (res === length) {
         this.mainWriteEnd(gen);
         this.st.bytesWritten += length;
+        this.lastGoodMain = offset;
         finish(null);
         return;
       }
@@ -656,6 +704,7 @@ export class BlockEngine {
       if (!this.pending.has(logical)) records.push({ type: RecordType.PENDING_ADD, logical, spare: 0, dataCrc: 0 });
     }
     if (lost.length === 0) return; // the retries read everything: a transient error
+    if (target === 'main') await this.requireMainAlive('read', lost, res);
     // A remap of these blocks may be under way (a concurrent writer): wait
     // for it, and re-read what moved, so a freshly remapped block is never
     // recorded as pending behind the remap's back.
@@ -862,7 +911,9 @@ export class BlockEngine {
       if (cls !== 'media') throw this.nonMediaError(r < 0 ? r : -ERRNO.EIO, 'write', { target: 'main', block: logical, offset: logical * bs });
       bad.push({ logical, data, seen: -1 });
     }
-    if (bad.length > 0) await this.remapWithData(bad, 'write-error');
+    if (bad.length === 0) return;
+    await this.requireMainAlive('write', bad.map((b) => b.logical), res < 0 ? res : -ERRNO.EIO);
+    await this.remapWithData(bad, 'write-error');
   }
 
   /**

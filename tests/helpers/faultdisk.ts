@@ -31,7 +31,7 @@
  */
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, rmSync, statSync, accessSync, constants as fsConstants } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, rmSync, statSync, accessSync, constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -586,8 +586,19 @@ class FaultDiskImpl implements FaultDisk {
   }
 
   logs(): string {
-    return this.log;
+    let out = '';
+    for (const f of this.logFiles) {
+      try {
+        const t = readFileSync(f, 'utf8');
+        out += t.length > LOG_TAIL ? t.slice(t.length - LOG_TAIL) : t;
+      } catch {
+        // not written yet
+      }
+    }
+    return out + this.log;
   }
+
+  private readonly logFiles: string[] = [];
 
   private appendLog(s: string): void {
     this.log += s;
@@ -595,7 +606,20 @@ class FaultDiskImpl implements FaultDisk {
   }
 
   private spawnOwned(name: string, args: string[]): Proc {
-    const p = new Proc(name, spawn(name, args, { stdio: ['ignore', 'pipe', 'pipe'] }), (s) => this.appendLog(s));
+    // Output goes to a file, not a pipe to this process: an engine whose
+    // event loop is blocked in the kernel on this FUSE mount (FUSE does not
+    // honour non-blocking submission) cannot drain a pipe, and nbdkit blocked
+    // writing its log to a full pipe would never answer: a deadlock.
+    const logFile = path.join(path.dirname(this.controlFile), `${path.basename(this.controlFile).split('.')[0]}.${name}.log`);
+    const fd = openSync(logFile, 'a');
+    let child: ChildProcess;
+    try {
+      child = spawn(name, args, { stdio: ['ignore', fd, fd] });
+    } finally {
+      closeSync(fd);
+    }
+    if (!this.logFiles.includes(logFile)) this.logFiles.push(logFile);
+    const p = new Proc(name, child, (s) => this.appendLog(s));
     liveDisks.add(this);
     installExitHook();
     return p;

@@ -180,6 +180,42 @@ grep -E 'IOPS|err=' $W/fio-queues.log | head -n 3
 check remove-queues ctl remove u5
 [ -e /sys/class/ublk-char/ublkc$ID ] && fail ublkc-gone-queues "ublkc$ID still exists" || pass ublkc-gone-queues ""
 
+# ------------------------------------------------------------ 2d: the main disappears
+# `dmsetup remove --force` of the main under fio writes swaps its table for
+# `error` (it stays open, so it cannot go yet): every I/O then fails with EIO,
+# as media errors do. No remap storm: the engine probes main before the
+# first remap, finds nothing answering, and fails the device (docs/ENGINE.md).
+section "ublk: the main disappears under writes (dmsetup remove --force)"
+truncate -s 128M $W/vmain.img
+truncate -s 16M $W/vspare.img
+VLOOP=$(losetup -f --show $W/vmain.img)
+check dm-create-vanish dmsetup create dmrvanish --table "0 $(blockdev --getsz "$VLOOP") linear $VLOOP 0"
+dmsetup mknodes dmrvanish
+OUT=$(ctl add uv --main /dev/mapper/dmrvanish --spare $W/vspare.img --format --ublk 2>&1)
+VDEV=$(echo "$OUT" | tail -n1)
+case "$VDEV" in /dev/ublkb*) pass add-vanish "$VDEV" ;; *) fail add-vanish "$OUT" ;; esac
+fio --name=vanish --filename="$VDEV" --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio --direct=1 --time_based --runtime=8 \
+	--size=64M --output=$W/fio-vanish.log >/dev/null 2>&1 &
+FPID=$!
+sleep 2
+T=$(up)
+dmsetup remove --force dmrvanish >$W/dm-vanish.out 2>&1
+echo "dmsetup remove --force: $(tr '\n' ' ' <$W/dm-vanish.out)($(el "$T"))"
+wait $FPID
+echo "fio exit $? (errors expected)"
+ctl status uv --json >$W/vanish.json
+echo "status: $(json '"state "+v.state+", remapped "+v.remappedBlocks+", pending "+v.pendingBlocks+", spare used "+v.spareBlocksUsed+", writeErrors "+v.stats.writeErrors+": "+v.failReason' <$W/vanish.json)"
+[ "$(json v.state <$W/vanish.json)" = failed ] && pass vanish-failed "" || fail vanish-failed "$(json v.state <$W/vanish.json)"
+[ "$(json v.remappedBlocks <$W/vanish.json)" = 0 ] && [ "$(json v.pendingBlocks <$W/vanish.json)" = 0 ] && pass vanish-no-remap-storm "" \
+	|| fail vanish-no-remap-storm "remapped $(json v.remappedBlocks <$W/vanish.json) pending $(json v.pendingBlocks <$W/vanish.json)"
+json v.failReason <$W/vanish.json | grep -q "looks dead" && pass vanish-reason "" || fail vanish-reason "$(json v.failReason <$W/vanish.json)"
+grep -q '"event":"device-failed"' $W/daemon.log && pass vanish-logged "" || fail vanish-logged ""
+T=$(up)
+check remove-vanish ctl remove uv --timeout 3000
+echo "remove: $(el "$T")"
+check dm-gone-vanish sh -c "dmsetup remove dmrvanish 2>/dev/null; ! dmsetup info dmrvanish >/dev/null 2>&1"
+losetup -d "$VLOOP"
+
 # ------------------------------------------------------------ 3: throughput, both copy modes
 section "ublk throughput (USER_COPY, then per-tag buffers)"
 truncate -s 256M $W/tmain.img
