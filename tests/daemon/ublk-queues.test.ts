@@ -89,7 +89,7 @@ describe('ublk queues and depth from the command line', () => {
   });
 
   it('valid values pass every check and reach the ublk driver', async () => {
-    for (const extra of [['--ublk-queues', '16', '--ublk-depth', '4096'], ['--ublk-queues', '2', '--ublk-depth', '64'], ['--ublk-depth', '1']]) {
+    for (const extra of [['--ublk-queues', '16', '--ublk-depth', '128'], ['--ublk-depth', '2048'], ['--ublk-queues', '2', '--ublk-depth', '64'], ['--ublk-depth', '1']]) {
       const r = await add('--ublk', ...extra);
       if (HAS_UBLK) {
         expect(r.code, r.stderr).toBe(0);
@@ -101,6 +101,16 @@ describe('ublk queues and depth from the command line', () => {
         expect(r.stderr).toContain('/dev/ublk-control');
       }
     }
+  });
+
+  it('queues x depth over 2048 tags (1 GiB of per-tag buffers) is refused with EINVAL naming both, before the driver is touched', async () => {
+    for (const [q, dp] of [['16', '4096'], ['2', '2048'], ['1', '4096']]) {
+      const r = await add('--ublk', '--ublk-queues', q, '--ublk-depth', dp);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toContain(`got ${q} x ${dp} = ${Number(q) * Number(dp)} tags`);
+      expect(r.stderr).toContain('q0');
+    }
+    expect((await request(d.sock, 'list')).result).toEqual([]);
   });
 
   it('devices.json: ublkQueues/ublkDepth reach the ublk export at reassembly and are kept when the daemon rewrites the file', async () => {
