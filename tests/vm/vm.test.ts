@@ -53,9 +53,9 @@ function guestCase(what: string, script: string, timeoutS: number, extra: RegExp
 
 describe.skipIf(!ENABLED)('VM guest (DMR_VM=0 skips)', () => {
   // Boot times on the 2-core TCG host, idle: 35-105 s each, ~8 min in all (docs/VM.md).
-  guestCase('kernel NBD attach: ext4 cycle, dm error segments remapped, modules unload', 'guest-nbd.sh', 280);
+  guestCase('kernel NBD attach: ext4 cycle, dm error segments remapped, modules unload', 'guest-nbd.sh', 400);
   guestCase('ublk: /dev/ublkbN ext4 cycle, discard/zeroes, dm error segments remapped, fast path under live remaps, delete leaves no ublkc, module unloads',
-    'guest-ublk.sh', 280, /^THROUGHPUT/);
+    'guest-ublk.sh', 420, /^THROUGHPUT/);
   guestCase('ublk crash recovery: kill -9 and SIGTERM under fio on a mounted /dev/ublkb0, same device recovered, verify passes, fsck clean; without recovery no orphan ublkc',
     'guest-ublk-recovery.sh', 600);
   // guest-matrix.sh once per frontend: fio verify, openers refused, removal during a metadata
