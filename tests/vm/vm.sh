@@ -20,6 +20,9 @@
 # (fetch the kernel again), DMR_VM_QUIET=1 (console only in the log file).
 # Every DMR_GUEST_* variable is passed to the guest script (e.g.
 # DMR_GUEST_CYCLES=N for guest-matrix-*.sh, 100 by default).
+# A script with a line "# dmr-vm-append: ARGS" gets ARGS added to the kernel
+# command line (tests/vm/guest-boot.sh: dmr.mode=systemd, systemd as PID 1
+# after the script; docs/VM.md).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # The project is shared on its own too: a checkout under /tmp, /var/tmp, /root or
@@ -140,7 +143,7 @@ prepare() {
 
 # ---------------------------------------------------------------- run
 run_guest() {
-	local script=$1 t run kv accel host_to guest_to rc log
+	local script=$1 t run kv accel host_to guest_to rc log append
 	case "$script" in /*) ;; *) script="$PWD/$script" ;; esac
 	[ -r "$script" ] || { log "no such script: $script"; exit 2; }
 	t=$(now)
@@ -157,6 +160,11 @@ run_guest() {
 	# DMR_GUEST_* settings reach the guest script through the run folder (lib.sh sources it)
 	for v in $(compgen -v DMR_GUEST_ || true); do printf 'export %s=%q\n' "$v" "${!v}"; done >"$run/env"
 	log="$run/console.log"
+	append=$(sed -n 's/^# dmr-vm-append: *//p' "$script" | head -n1)
+	# systemd-modules-load and modprobe look in /lib/modules/<kernel> only: the
+	# guest binds its kernel's modules there, which needs the folder on the
+	# (read-only for the guest) host root
+	case " $append " in *" dmr.mode=systemd "*) [ -d /lib/modules ] || mkdir -p /lib/modules ;; esac
 	kv=$(cat "$CACHE/kernel/KV")
 	host_to=${DMR_VM_TIMEOUT:-300}
 	guest_to=${DMR_VM_GUEST_TIMEOUT:-$((host_to - 20))}
@@ -173,7 +181,7 @@ run_guest() {
 		-serial stdio \
 		-kernel "$CACHE/kernel/root/boot/vmlinuz-$kv" \
 		-initrd "$CACHE/initramfs.cpio.gz" \
-		-append "console=ttyS0 panic=-1 loglevel=4 dmr.work=$CACHE dmr.run=$run dmr.cmd=$script dmr.timeout=$guest_to dmr.project=$PROJECT_DIR" \
+		-append "console=ttyS0 panic=-1 loglevel=4 dmr.work=$CACHE dmr.run=$run dmr.cmd=$script dmr.timeout=$guest_to dmr.project=$PROJECT_DIR${append:+ $append}" \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 		-virtfs "local,path=$CACHE,mount_tag=work,security_model=none,multidevs=remap" \
 		-virtfs "local,path=$PROJECT_DIR,mount_tag=project,security_model=none,readonly=on,multidevs=remap" \

@@ -70,6 +70,9 @@ describe.skipIf(!ENABLED)('VM guest (DMR_VM=0 skips)', () => {
   // Stable names and the mount-namespace self-deadlock (docs/OPERATION.md, "Stable names, boot order and mount namespaces").
   guestCase('stable names: /dev/disk/by-remap links for ublk and nbd, across a restart, stale ones dropped; the udev rule (database, partitions)',
     'guest-names.sh', 480, /^\*\*\*/);
+  // systemd as PID 1 (phase 2 of one boot): the unit, the udev rule and an fstab entry on /dev/disk/by-remap/data.
+  guestCase('boot: systemd as PID 1 mounts an fstab entry on /dev/disk/by-remap/data after dm-remapd.service is ready; the file written before the boot reads back',
+    'guest-boot.sh', 300, /^BOOT-TIMING/);
   guestCase('mount namespaces: no warning in the initial one; a private one warns, detaches its mounts at SIGTERM and exits in time; without the detach the exit hangs until a new daemon recovers the device',
     'guest-mntns.sh', 480, /^(HAZARD|\*\*\*)/);
 });
