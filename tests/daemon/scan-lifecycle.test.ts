@@ -6,7 +6,7 @@
  * of theirs is left (process.getActiveResourcesInfo()).
  */
 import { createHook } from 'node:async_hooks';
-import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -15,7 +15,7 @@ import { DeviceManager } from '../../src/daemon/devices.js';
 import { ScanService } from '../../src/daemon/handlers-scan.js';
 import type { ScanSnapshot } from '../../src/daemon/scan.js';
 import { openEngine } from '../../src/engine/open.js';
-import { tempDir } from '../engine/fixtures.js';
+import { sparseFile, tempDir } from '../engine/fixtures.js';
 
 /** Every Timeout created by src/ code while the hook is on and not yet fired or cleared, with where it was created. */
 function trackTimeouts(): { live: Map<number, string>; refd: () => string[]; stop: () => void } {
@@ -57,10 +57,8 @@ describe('scan and scrub against removal (in process)', () => {
   it('a removal cancels a waiting scan and a paused scrub at once, and leaves no timer', async () => {
     const main = join(dir, 'main.img');
     const spare = join(dir, 'spare.img');
-    for (const [p, n] of [[main, 16 << 20], [spare, 4 << 20]] as const) {
-      writeFileSync(p, '');
-      truncateSync(p, n);
-    }
+    sparseFile(main, 16 << 20);
+    sparseFile(spare, 4 << 20);
     const stateDir = join(dir, 'state');
     mkdirSync(stateDir);
     const lines: Array<Record<string, unknown>> = [];

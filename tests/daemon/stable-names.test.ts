@@ -6,7 +6,7 @@
  * (tests/vm/guest-names-ns.sh); here the DeviceManager runs real engines over
  * files with an export that reports a kernel device path.
  */
-import { existsSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, renameSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, renameSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import fc from 'fast-check';
 import pino from 'pino';
@@ -15,7 +15,7 @@ import { ConfigError, DEFAULTS, applyConfig } from '../../src/daemon/config.js';
 import { DeviceManager, type ExportStarter } from '../../src/daemon/devices.js';
 import { StableNames, attachStableNames, kernelDeviceOf, type StableNamesHandle } from '../../src/daemon/stable-names.js';
 import { openEngine } from '../../src/engine/open.js';
-import { tempDir } from '../engine/fixtures.js';
+import { sparseFile, tempDir } from '../engine/fixtures.js';
 
 type Line = Record<string, unknown>;
 
@@ -239,10 +239,8 @@ describe('stable names follow the DeviceManager', () => {
   it('a link while the device runs, none after its removal; a restart (reassembly) links it again and drops stale links', async () => {
     const main = join(dir, 'main.img');
     const spare = join(dir, 'spare.img');
-    for (const [p, n] of [[main, 16 << 20], [spare, 4 << 20]] as const) {
-      writeFileSync(p, '');
-      truncateSync(p, n);
-    }
+    sparseFile(main, 16 << 20);
+    sparseFile(spare, 4 << 20);
     const stateDir = join(dir, 'state');
     const links = join(dir, 'by-remap');
     let next = 0;
@@ -300,9 +298,7 @@ describe('stable names follow the DeviceManager', () => {
   });
 
   it('a device without a kernel device (NBD sockets only) gets no link', async () => {
-    const main = join(dir, 'main.img');
-    writeFileSync(main, '');
-    truncateSync(main, 16 << 20);
+    const main = sparseFile(join(dir, 'main.img'), 16 << 20);
     const lines: Line[] = [];
     const mgr = new DeviceManager({
       stateDir: join(dir, 'state'), logger: logger(lines), openEngine, defaultMetadataTimeoutMs: 2000,

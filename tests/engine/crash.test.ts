@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { startFaultDisk, requireTools, type FaultDisk } from '../helpers/faultdisk.js';
+import { killAfterReady } from '../helpers/kill-child.js';
 import { BS, offlineState, open, sparseFile, tempDir } from './fixtures.js';
 import { allocAligned } from '../../src/native/backing.js';
 
@@ -15,26 +15,10 @@ const BLOCKS = 512;
 /** What a block may hold: the last acknowledged tag, or the one in flight after it. 0 = never written. */
 type Expect = { acked: number; inflight: number | null };
 
-function runChild(mainPath: string, sparePath: string, format: boolean, seed: number, killAfterMs: number): Promise<string[]> {
-  return new Promise((resolve, reject) => {
-    const logPath = `${sparePath}.child-${seed}.log`;
-    const child = spawn(process.execPath, [CHILD, mainPath, sparePath, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    let err = '';
-    let timer: NodeJS.Timeout | undefined;
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (timer === undefined && out.includes('READY\n')) timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs);
-    });
-    child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`crash child exited on its own (code ${code}): ${err}`));
-      else resolve(readFileSync(logPath, 'utf8').split('\n').slice(0, -1)); // the last piece may be a torn line
-    });
-  });
+async function runChild(mainPath: string, sparePath: string, format: boolean, seed: number, killAfterMs: number): Promise<string[]> {
+  const logPath = `${sparePath}.child-${seed}.log`;
+  await killAfterReady(CHILD, [mainPath, sparePath, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath], killAfterMs);
+  return readFileSync(logPath, 'utf8').split('\n').slice(0, -1); // the last piece may be a torn line
 }
 
 describe('kill -9 in the middle of a remap-heavy write loop', () => {

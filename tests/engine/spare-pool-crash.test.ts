@@ -6,37 +6,21 @@
  * same ordinal), every acknowledged write and every acknowledged spare add
  * is there, and no spare block is mapped twice.
  */
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { allocAligned } from '../../src/native/backing.js';
+import { killAfterReady } from '../helpers/kill-child.js';
 import { BS, offlineState, open, sparseFile, tempDir } from './fixtures.js';
 
 const CHILD = new URL('./spare-pool-crash-child.mjs', import.meta.url).pathname;
 const CYCLES = Number(process.env.DMR_CRASH_CYCLES ?? 8);
 const BLOCKS = 512;
 
-function runChild(mainPath: string, sparePath: string, dir: string, extras: string[], format: boolean, seed: number, killAfterMs: number): Promise<string[]> {
-  return new Promise((resolve, reject) => {
-    const logPath = join(dir, `child-${seed}.log`);
-    const child = spawn(process.execPath, [CHILD, mainPath, sparePath, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath, dir, JSON.stringify(extras)], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    let err = '';
-    let timer: NodeJS.Timeout | undefined;
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (timer === undefined && out.includes('READY\n')) timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs);
-    });
-    child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`crash child exited on its own (code ${code}): ${err}`));
-      else resolve(readFileSync(logPath, 'utf8').split('\n').slice(0, -1));
-    });
-  });
+async function runChild(mainPath: string, sparePath: string, dir: string, extras: string[], format: boolean, seed: number, killAfterMs: number): Promise<string[]> {
+  const logPath = join(dir, `child-${seed}.log`);
+  await killAfterReady(CHILD, [mainPath, sparePath, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath, dir, JSON.stringify(extras)], killAfterMs);
+  return readFileSync(logPath, 'utf8').split('\n').slice(0, -1);
 }
 
 describe('spare pool: kill -9 during spare adds, remaps and writes', () => {

@@ -7,7 +7,7 @@
  * inside the device and, for remapUnreadable, with the confirmation; no
  * remap ever happens without it. DMR_FUZZ_SEED=N reproduces a run.
  */
-import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -17,7 +17,7 @@ import { ScanService } from '../../src/daemon/handlers-scan.js';
 import { ControlError, ERROR_CODES } from '../../src/daemon/protocol.js';
 import type { ScanSnapshot } from '../../src/daemon/scan.js';
 import { openEngine } from '../../src/engine/open.js';
-import { tempDir } from '../engine/fixtures.js';
+import { sparseFile, tempDir } from '../engine/fixtures.js';
 import { Rng } from './rng.js';
 
 const VALUES: unknown[] = [undefined, null, true, false, 0, 1, -1, 7, 100, 4095, 4096, 4097, 1.5, -0, NaN, Infinity, 2 ** 53, Number.MAX_SAFE_INTEGER,
@@ -37,10 +37,8 @@ describe('fuzz: scan control arguments', () => {
     const r = new Rng(seed);
     const main = join(dir, 'main.img');
     const spare = join(dir, 'spare.img');
-    for (const [p, n] of [[main, 16 << 20], [spare, 4 << 20]] as const) {
-      writeFileSync(p, '');
-      truncateSync(p, n);
-    }
+    sparseFile(main, 16 << 20);
+    sparseFile(spare, 4 << 20);
     const stateDir = join(dir, 'state');
     mkdirSync(stateDir);
     const mgr = new DeviceManager({ stateDir, logger: pino({ level: 'silent' }), openEngine, startExport: async () => null });

@@ -20,7 +20,6 @@
  *
  *   DMR_POWERLOSS_CYCLES=100 npx vitest run tests/reliability/power-loss.test.ts
  */
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -28,6 +27,7 @@ import { allocAligned } from '../../src/native/backing.js';
 import { RecordType } from '../../src/metadata/records.js';
 import { cleanupAll, makeTempDir, requireTools, startFaultDisk, type FaultDisk, type FaultDiskStats } from '../helpers/faultdisk.js';
 import { ctl, requireBuild } from '../daemon/helpers.js';
+import { killAfterReady } from '../helpers/kill-child.js';
 import { BS, offlineState, open } from '../engine/fixtures.js';
 
 requireTools('nbdkit', 'nbdkit-python', 'nbdfuse', 'fusermount3', '/dev/fuse');
@@ -107,24 +107,7 @@ function acceptable(writes: Write[], lastFlushStart: number, base: Map<number, n
 }
 
 function runChild(disks: { main: string; spare: string }, format: boolean, seed: number, logPath: string, killAfterMs: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, disks.main, disks.spare, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    let err = '';
-    let timer: NodeJS.Timeout | undefined;
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (timer === undefined && out.includes('READY\n')) timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs);
-    });
-    child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`power-loss child exited on its own (code ${code}): ${err}`));
-      else resolve();
-    });
-  });
+  return killAfterReady(CHILD, [disks.main, disks.spare, String(BLOCKS), format ? 'format' : 'open', String(seed), logPath], killAfterMs, 'power-loss child');
 }
 
 const activity = (s: FaultDiskStats): number => s.reads + s.writes + s.flushes + s.zeros + s.trims;
