@@ -74,6 +74,14 @@ export interface FastPathMirror {
   stats(): { reads: number; writes: number; bytesRead: number; bytesWritten: number; inFlight: number };
 }
 
+/** Adds what a fast path served to engine counters. */
+function addServed(into: EngineStats, f: ReturnType<FastPathMirror['stats']>): void {
+  into.reads += f.reads;
+  into.writes += f.writes;
+  into.bytesRead += f.bytesRead;
+  into.bytesWritten += f.bytesWritten;
+}
+
 export interface EngineStatus {
   name: string;
   state: EngineState;
@@ -246,13 +254,7 @@ export class BlockEngine {
   get stats(): EngineStats {
     if (this.mirrors.size === 0) return this.st;
     const out = { ...this.st };
-    for (const m of this.mirrors) {
-      const f = m.stats();
-      out.reads += f.reads;
-      out.writes += f.writes;
-      out.bytesRead += f.bytesRead;
-      out.bytesWritten += f.bytesWritten;
-    }
+    for (const m of this.mirrors) addServed(out, m.stats());
     return out;
   }
 
@@ -292,8 +294,8 @@ export class BlockEngine {
    * I/O, fold its counters into the engine's.
    */
   attachFastPath(m: FastPathMirror): () => Promise<void> {
-    const marks = [...this.remappedBlockList(), ...this.pending.values(), ...this.copyFence.keys(), ...this.retireFence];
-    for (let i = 0; i < marks.length; i += 65536) m.mark(marks.slice(i, i + 65536));
+    m.mark(this.table.copyEntries().keys); // hash order: no need to sort
+    m.mark([...this.pending.values(), ...this.copyFence.keys(), ...this.retireFence]);
     this.mirrors.add(m);
     this.enableMirror(m);
     let detached: Promise<void> | null = null;
@@ -301,12 +303,7 @@ export class BlockEngine {
       detached ??= (async () => {
         m.enable(false, false);
         await m.drain();
-        if (!this.mirrors.delete(m)) return;
-        const f = m.stats();
-        this.st.reads += f.reads;
-        this.st.writes += f.writes;
-        this.st.bytesRead += f.bytesRead;
-        this.st.bytesWritten += f.bytesWritten;
+        if (this.mirrors.delete(m)) addServed(this.st, m.stats());
       })();
       return detached;
     };
