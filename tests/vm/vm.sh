@@ -173,6 +173,8 @@ run_guest() {
 	*) accel=(-accel tcg,thread=multi,tb-size=512 -cpu max) ;;
 	esac
 	log "booting $kv (${DMR_VM_ACCEL:-tcg}), script $script, log $log"
+	local attempt
+	for attempt in 1 2; do
 	t=$(now)
 	set +e
 	timeout -s KILL "$host_to" qemu-system-x86_64 \
@@ -188,6 +190,16 @@ run_guest() {
 		</dev/null 2>&1 | if [ "${DMR_VM_QUIET:-0}" = 1 ]; then cat >"$log"; else tee "$log"; fi
 	set -e
 	timing guest "$t" "qemu wall time"
+	# A guest kernel that dies before the script starts (seen once in ~60
+	# boots: an int3 Oops while the kernel patches its own text early in boot
+	# under multi-threaded TCG) ran no test: boot once more, loudly.
+	if [ "$attempt" = 1 ] && ! grep -q '^VMTEST_EXIT=' "$log" && ! grep -q '^VMTEST: root ready' "$log"; then
+		mv "$log" "$run/console.boot-failed.log"
+		log "*** the guest died before the script started ($(grep -m1 -E 'Oops|panic|BUG' "$run/console.boot-failed.log" || echo 'no report')); booting again (log kept: $run/console.boot-failed.log) ***"
+		continue
+	fi
+	break
+	done
 	rc=$(sed -n 's/^VMTEST_EXIT=\([0-9]*\).*/\1/p' "$log" | tail -n1)
 	if [ -z "$rc" ]; then
 		log "no VMTEST_EXIT in $log: the guest crashed or hit the ${host_to}s host timeout"
