@@ -47,6 +47,8 @@ export interface CloseResult {
 
 type Callback = (res: number) => void;
 
+const noop: Callback = () => {};
+
 interface OpRecord {
   op: number;
   buf: Uint8Array | null;
@@ -92,9 +94,20 @@ export class BackingDevice {
   readonly info: BackingInfo;
 
   #native: NativeBackingHandle;
-  #ops = new Map<number, OpRecord>();
+  /**
+   * Ops in the kernel, by slot: an op's id is `seq * maxInFlight + slot + 1`
+   * (never 0, which is the close-time cancel), so a completion finds its
+   * record by index, and a stale id (its slot reused) is recognised. No Map:
+   * the hot path allocates nothing per op (records are pooled too).
+   */
+  #slots: (OpRecord | null)[];
+  #slotIds: Float64Array;
+  #freeSlots: Int32Array;
+  #freeCount: number;
+  #inFlight = 0;
+  #seq = 0;
+  #freeRecs: OpRecord[] = [];
   #queue: OpRecord[] = [];
-  #nextId = 1;
   #maxInFlight: number;
   #desc: Float64Array;
   #bufs: (Uint8Array | null)[];
@@ -112,6 +125,11 @@ export class BackingDevice {
     this.#native = native;
     this.#completions = completions;
     this.#maxInFlight = queueDepth;
+    this.#slots = new Array<OpRecord | null>(queueDepth).fill(null);
+    this.#slotIds = new Float64Array(queueDepth);
+    this.#freeSlots = new Int32Array(queueDepth);
+    for (let i = 0; i < queueDepth; i++) this.#freeSlots[i] = queueDepth - 1 - i;
+    this.#freeCount = queueDepth;
     this.#desc = new Float64Array(queueDepth * STRIDE);
     this.#bufs = new Array<Uint8Array | null>(queueDepth).fill(null);
     const i = native.info();
@@ -156,7 +174,7 @@ export class BackingDevice {
 
   /** Ops accepted and not yet answered (in the kernel, in the worker, or queued in JS). */
   get inFlight(): number {
-    return this.#ops.size + this.#queue.length;
+    return this.#inFlight + this.#queue.length;
   }
 
   get closed(): boolean {
@@ -177,8 +195,36 @@ export class BackingDevice {
       queueMicrotask(() => deliver(cb, -EBADF));
       return;
     }
-    this.#queue.push({ op, buf, offset, length, flags, cb, done: 0 });
+    const rec = this.#freeRecs.pop();
+    if (rec === undefined) {
+      this.#queue.push({ op, buf, offset, length, flags, cb, done: 0 });
+    } else {
+      rec.op = op;
+      rec.buf = buf;
+      rec.offset = offset;
+      rec.length = length;
+      rec.flags = flags;
+      rec.cb = cb;
+      rec.done = 0;
+      this.#queue.push(rec);
+    }
     this.#schedule();
+  }
+
+  /** Hands `res` to the op's callback; the record goes back to the pool first (the callback may submit). */
+  #deliverAndFree(rec: OpRecord, res: number): void {
+    const cb = rec.cb;
+    rec.buf = null;
+    rec.cb = noop;
+    if (this.#freeRecs.length < this.#maxInFlight) this.#freeRecs.push(rec);
+    deliver(cb, res);
+  }
+
+  /** Takes the op of slot `slot` out of the kernel table. */
+  #release(slot: number): void {
+    this.#slots[slot] = null;
+    this.#freeSlots[this.#freeCount++] = slot;
+    this.#inFlight--;
   }
 
   io(op: BackingOpCode, buf: Uint8Array | null, offset: number, length: number, flags = 0): Promise<number> {
@@ -229,7 +275,7 @@ export class BackingDevice {
       this.#cancelledInClose++;
       deliver(rec.cb, -ECANCELED);
     }
-    if (this.#ops.size > 0) {
+    if (this.#inFlight > 0) {
       this.#native.cancel();
       await new Promise<void>((resolve) => {
         const timer = setTimeout(() => {
@@ -246,9 +292,15 @@ export class BackingDevice {
     this.#nativeClosed = true;
     // The JS side already waited for the deadline; a worker still inside an
     // ioctl then is hung and gets detached almost at once.
-    this.#native.close(this.#ops.size > 0 ? 10 : 1000);
-    const left = [...this.#ops.values()];
-    this.#ops.clear();
+    this.#native.close(this.#inFlight > 0 ? 10 : 1000);
+    const left: OpRecord[] = [];
+    for (let slot = 0; slot < this.#slots.length; slot++) {
+      const rec = this.#slots[slot];
+      if (rec !== null) {
+        left.push(rec);
+        this.#release(slot);
+      }
+    }
     for (const rec of left) {
       if (rec.buf !== null && (rec.op === BackingOp.READ || rec.op === BackingOp.WRITE)) quarantined.push(rec.buf);
       deliver(rec.cb, -ECANCELED);
@@ -266,7 +318,7 @@ export class BackingDevice {
   #doFlush(): void {
     this.#flushScheduled = false;
     if (this.#nativeClosed || this.#queue.length === 0) return;
-    const n = Math.min(this.#maxInFlight - this.#ops.size, this.#queue.length);
+    const n = Math.min(this.#freeCount, this.#queue.length);
     if (n <= 0) return; // resumed from #onComplete when slots free up
     const batch = this.#queue.length === n ? this.#queue : this.#queue.slice(0, n);
     this.#queue = batch === this.#queue ? [] : this.#queue.slice(n);
@@ -274,8 +326,11 @@ export class BackingDevice {
     const bufs = this.#bufs;
     for (let i = 0; i < n; i++) {
       const rec = batch[i];
-      const id = this.#nextId++;
-      this.#ops.set(id, rec);
+      const slot = this.#freeSlots[--this.#freeCount];
+      const id = this.#seq++ * this.#maxInFlight + slot + 1;
+      this.#slots[slot] = rec;
+      this.#slotIds[slot] = id;
+      this.#inFlight++;
       const o = i * STRIDE;
       desc[o] = rec.op;
       desc[o + 1] = id;
@@ -297,30 +352,31 @@ export class BackingDevice {
       const id = c[2 * i];
       const res = c[2 * i + 1];
       if (id === 0) continue; // the close-time ASYNC_CANCEL itself
-      const rec = this.#ops.get(id);
-      if (rec === undefined) continue;
-      this.#ops.delete(id);
+      const slot = (id - 1) % this.#maxInFlight;
+      const rec = this.#slots[slot];
+      if (rec === null || this.#slotIds[slot] !== id) continue;
+      this.#release(slot);
       this.#finish(rec, res);
     }
     if (this.#queue.length > 0 && !this.#closed) this.#schedule();
-    if (this.#drained !== null && this.#ops.size === 0) this.#drained();
+    if (this.#drained !== null && this.#inFlight === 0) this.#drained();
   }
 
   #finish(rec: OpRecord, res: number): void {
     const rw = rec.op === BackingOp.READ || rec.op === BackingOp.WRITE;
     if (!rw) {
       if (this.#closed && res === -ECANCELED) this.#cancelledInClose++;
-      deliver(rec.cb, res);
+      this.#deliverAndFree(rec, res);
       return;
     }
     if (res < 0) {
       if (this.#closed && res === -ECANCELED) this.#cancelledInClose++;
-      deliver(rec.cb, res);
+      this.#deliverAndFree(rec, res);
       return;
     }
     rec.done += res;
     if (rec.done >= rec.length) {
-      deliver(rec.cb, rec.done);
+      this.#deliverAndFree(rec, rec.done);
       return;
     }
     if (rec.op === BackingOp.READ) {
@@ -328,15 +384,15 @@ export class BackingDevice {
       // too: the remainder would start unaligned and only fail with EINVAL.
       const eof = res === 0 || (this.info.openMode === 'direct' && rec.done % this.info.logicalBlockSize !== 0);
       if (eof) {
-        deliver(rec.cb, rec.done);
+        this.#deliverAndFree(rec, rec.done);
         return;
       }
     } else if (res === 0) {
-      deliver(rec.cb, -EIO); // a write that makes no progress
+      this.#deliverAndFree(rec, -EIO); // a write that makes no progress
       return;
     }
     if (this.#closed) {
-      deliver(rec.cb, -ECANCELED);
+      this.#deliverAndFree(rec, -ECANCELED);
       this.#cancelledInClose++;
       return;
     }
