@@ -74,6 +74,22 @@ export interface FastPathMirror {
   stats(): { reads: number; writes: number; bytesRead: number; bytesWritten: number; inFlight: number };
 }
 
+/** A read or write served straight on main (BlockEngine.fastPath), pooled. */
+interface DirectOp {
+  write: boolean;
+  offset: number;
+  length: number;
+  buf: Uint8Array;
+  fua: boolean;
+  /** mainWriteStart() parity (writes). */
+  gen: number;
+  done: ((err: RemapError | null) => void) | null;
+  /** Bound once per pooled object: the backing callback. */
+  readonly onRes: (res: number) => void;
+}
+
+const EMPTY = new Uint8Array(0);
+
 /** Adds what a fast path served to engine counters. */
 function addServed(into: EngineStats, f: ReturnType<FastPathMirror['stats']>): void {
   into.reads += f.reads;
@@ -483,14 +499,14 @@ export class BlockEngine {
       return;
     }
     this.inFlightRequests++;
+    if (buf !== undefined && this.directTarget(req)) {
+      this.fastPath(req, buf, done);
+      return;
+    }
     const finish = (err: RemapError | null): void => {
       if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) this.wakeDrainers();
       done(err);
     };
-    if (buf !== undefined && this.directTarget(req)) {
-      this.fastPath(req, buf, finish);
-      return;
-    }
     this.slowPath(req, buf).then(() => finish(null), (err: unknown) => finish(asRemapError(err, this.name)));
   }
 
@@ -508,38 +524,72 @@ export class BlockEngine {
     return req.op === 'read' || this.pending.size === 0 || this.pending.nextInRange(first, end) < 0;
   }
 
-  private fastPath(req: EngineRequest, buf: Uint8Array, finish: (err: RemapError | null) => void): void {
+  /** Pooled state of direct requests in flight (the hot path allocates no closure per request). */
+  private readonly directFree: DirectOp[] = [];
+
+  private newDirectOp(): DirectOp {
+    const op: DirectOp = {
+      write: false, offset: 0, length: 0, buf: EMPTY, fua: false, gen: 0, done: null,
+      onRes: (res: number) => this.directDone(op, res),
+    };
+    return op;
+  }
+
+  /** Ends a request counted in inFlightRequests. */
+  private endRequest(done: (err: RemapError | null) => void, err: RemapError | null): void {
+    if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) this.wakeDrainers();
+    done(err);
+  }
+
+  private fastPath(req: EngineRequest, buf: Uint8Array, done: (err: RemapError | null) => void): void {
     const { offset, length } = req;
-    const bs = this.blockSize;
-    if (req.op === 'read') {
+    const op = this.directFree.pop() ?? this.newDirectOp();
+    op.write = req.op === 'write';
+    op.offset = offset;
+    op.length = length;
+    op.buf = buf;
+    op.fua = req.fua === true;
+    op.done = done;
+    const data = length === buf.byteLength ? buf : buf.subarray(0, length);
+    if (!op.write) {
       this.st.reads++;
-      this.main.submit(BackingOp.READ, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, 0, (res) => {
-        if (res === length) {
-          this.st.bytesRead += length;
-          this.lastGoodMain = offset;
-          finish(null);
-          return;
-        }
-        this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main')
-          .then(() => { this.st.bytesRead += length; finish(null); }, (err: unknown) => finish(asRemapError(err, this.name)));
-      });
+      this.main.submit(BackingOp.READ, data, offset, length, 0, op.onRes);
       return;
     }
     this.st.writes++;
-    const fua = req.fua === true;
-    const gen = this.mainWriteStart();
-    this.main.submit(BackingOp.WRITE, length === buf.byteLength ? buf : buf.subarray(0, length), offset, length, fua ? IO_FUA : 0, (res) => {
+    op.gen = this.mainWriteStart();
+    this.main.submit(BackingOp.WRITE, data, offset, length, op.fua ? IO_FUA : 0, op.onRes);
+  }
+
+  private directDone(op: DirectOp, res: number): void {
+    const { write, offset, length, buf, fua, gen } = op;
+    const done = op.done as (err: RemapError | null) => void;
+    op.buf = EMPTY;
+    op.done = null;
+    this.directFree.push(op);
+    const bs = this.blockSize;
+    if (!write) {
       if (res === length) {
-        this.mainWriteEnd(gen);
-        this.st.bytesWritten += length;
+        this.st.bytesRead += length;
         this.lastGoodMain = offset;
-        finish(null);
+        this.endRequest(done, null);
         return;
       }
-      this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua)
-        .then(() => { this.mainWriteEnd(gen); this.st.bytesWritten += length; finish(null); },
-          (err: unknown) => { this.mainWriteEnd(gen); finish(asRemapError(err, this.name)); });
-    });
+      this.recoverRead(offset / bs, length / bs, buf, 0, res, 'main')
+        .then(() => { this.st.bytesRead += length; this.endRequest(done, null); },
+          (err: unknown) => this.endRequest(done, asRemapError(err, this.name)));
+      return;
+    }
+    if (res === length) {
+      this.mainWriteEnd(gen);
+      this.st.bytesWritten += length;
+      this.lastGoodMain = offset;
+      this.endRequest(done, null);
+      return;
+    }
+    this.recoverMainWrite(offset / bs, length / bs, buf, 0, res, fua)
+      .then(() => { this.mainWriteEnd(gen); this.st.bytesWritten += length; this.endRequest(done, null); },
+        (err: unknown) => { this.mainWriteEnd(gen); this.endRequest(done, asRemapError(err, this.name)); });
   }
 
   private slowPath(req: EngineRequest, buf: Uint8Array | undefined): Promise<void> {
