@@ -8,8 +8,12 @@
  *   nbdkit (cache)   nbdkit's file plugin, default page cache
  *   qemu-nbd         --cache=none --aio=io_uring (native aio if io_uring fails to start)
  * and raw fio (io_uring, O_DIRECT) on the file as the ceiling, run first and
- * again at the end (drift control). Same file for all; caches dropped
- * (sync; echo 3 > /proc/sys/vm/drop_caches) before each fio run.
+ * again at the end (drift control); then the ceiling peer, bench/nbd-ceiling.c
+ * (compiled with gcc at start; skipped with a note if gcc or liburing-dev is
+ * missing): the least NBD server, sleeping between completions and
+ * busy-polling, i.e. what any NBD server can reach here with this client.
+ * Same file for all; caches dropped (sync; echo 3 > /proc/sys/vm/drop_caches)
+ * before each fio run.
  *
  * Environment: BENCH_SECONDS (per workload, default 5), BENCH_FILE_GB (file,
  * default 2), BENCH_RAMP_SECONDS (untimed warm-up per workload, default 1),
@@ -26,7 +30,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fillFile, fioVersion, runFio, type FioJob, type FioResult } from './fio.js';
 import {
-  nbdkitVersion, processCpuSeconds, profileFiles, qemuNbdVersion, startDmRemapd, startNbdkit, startQemuNbd,
+  buildCeiling, nbdkitVersion, processCpuSeconds, profileFiles, qemuNbdVersion, startCeiling, startDmRemapd, startNbdkit, startQemuNbd,
   type DmRemapdServer, type NbdServer,
 } from './nbd-servers.js';
 import { summarizeProfiles } from './nbd-profile.js';
@@ -60,7 +64,7 @@ const WORKLOADS: NbdWorkload[] = [
   { label: 'seqwrite 1M QD4', rw: 'write', bs: MiB, iodepth: 4, numjobs: 1 },
 ];
 
-type TargetId = 'raw' | 'dmr' | 'nbdkitNone' | 'nbdkitCache' | 'qemu' | 'rawAgain';
+type TargetId = 'raw' | 'dmr' | 'nbdkitNone' | 'nbdkitCache' | 'qemu' | 'rawAgain' | 'ceilSleep' | 'ceilSpin';
 
 interface Measurement {
   fio: FioResult;
@@ -95,16 +99,16 @@ function perSec(w: NbdWorkload, r: FioResult): string {
   return w.bs >= MiB ? `${fmt(r.bytesPerSec / MiB, 0)} MiB/s` : `${fmtInt(r.iops)} IOPS`;
 }
 
-async function measure(w: NbdWorkload, job: Omit<FioJob, 'rw' | 'bs' | 'iodepth' | 'numjobs' | 'sizeBytes' | 'seconds' | 'rampSeconds'>, out: string, serverPid?: number): Promise<Measurement> {
+async function measure(w: NbdWorkload, job: Omit<FioJob, 'rw' | 'bs' | 'iodepth' | 'numjobs' | 'sizeBytes' | 'seconds' | 'rampSeconds'>, out: string, serverCpu?: () => number): Promise<Measurement> {
   const cachesDropped = dropCaches();
-  const c0 = serverPid !== undefined ? processCpuSeconds(serverPid) : NaN;
+  const c0 = serverCpu !== undefined ? serverCpu() : NaN;
   const w0 = performance.now();
   const fio = await runFio(
     { ...job, rw: w.rw, bs: w.bs, iodepth: w.iodepth, numjobs: w.numjobs, sizeBytes: FILE_BYTES, seconds: SECONDS, rampSeconds: RAMP },
     out,
   );
   const wallS = (performance.now() - w0) / 1000;
-  const c1 = serverPid !== undefined ? processCpuSeconds(serverPid) : NaN;
+  const c1 = serverCpu !== undefined ? serverCpu() : NaN;
   const serverCores = (c1 - c0) / wallS;
   return { fio, serverCores, serverUsPerIo: (serverCores * 1e6) / fio.iops, cachesDropped };
 }
@@ -140,6 +144,13 @@ async function main(): Promise<void> {
       (PROFILE ? '\nPROFILING: the daemon runs under node --cpu-prof; its figures include the profiler overhead' : ''),
   );
 
+  const ceiling = buildCeiling(dir);
+  console.log(
+    ceiling.bin !== undefined
+      ? `ceiling peer: bench/nbd-ceiling.c built (${ceiling.command})`
+      : `note: ceiling peer skipped, ${ceiling.note ?? '?'} (${ceiling.command}); its rows and ratios are left out`,
+  );
+
   progress(`writing the ${fmt(FILE_BYTES / GiB, 2)} GiB file and the ${SPARE_BYTES / MiB} MiB spare once`);
   const f0 = performance.now();
   const fill = await fillFile(file, FILE_BYTES, out);
@@ -165,7 +176,7 @@ async function main(): Promise<void> {
       const ms: Measurement[] = [];
       for (const w of WORKLOADS) {
         progress(`${srv.label.padEnd(30)} ${w.label}`);
-        ms.push(await measure(w, { ioengine: 'nbd', uri: srv.uri }, out, srv.pid));
+        ms.push(await measure(w, { ioengine: 'nbd', uri: srv.uri }, out, srv.cpuSeconds ?? (() => processCpuSeconds(srv.pid))));
       }
       results.set(id, ms);
       if (id === 'dmr') dmrStatus = (srv as DmRemapdServer).status();
@@ -182,9 +193,17 @@ async function main(): Promise<void> {
   await runServer('nbdkitCache', () => startNbdkit(dir, file, false));
   await runServer('qemu', () => startQemuNbd(dir, file, Math.max(2, JOBS)));
   await runRaw('rawAgain', 'raw fio again (drift control)');
+  const ceilingBin = ceiling.bin;
+  if (ceilingBin !== undefined) {
+    await runServer('ceilSleep', () => startCeiling(dir, ceilingBin, file, false));
+    await runServer('ceilSpin', () => startCeiling(dir, ceilingBin, file, true));
+  }
 
-  const order: TargetId[] = ['raw', 'dmr', 'nbdkitNone', 'nbdkitCache', 'qemu', 'rawAgain'];
+  const order: TargetId[] = ['raw', 'dmr', 'nbdkitNone', 'nbdkitCache', 'qemu', 'rawAgain', ...(ceilingBin !== undefined ? (['ceilSleep', 'ceilSpin'] as const) : [])];
   const get = (id: TargetId, i: number): Measurement => (results.get(id) as Measurement[])[i];
+  /** IOPS of a target over another's, or NaN when one of them did not run (ceiling skipped). */
+  const ratio = (a: TargetId, b: TargetId, i: number): number =>
+    results.has(a) && results.has(b) ? get(a, i).fio.iops / get(b, i).fio.iops : NaN;
 
   console.log('\nservers:');
   for (const c of commands) console.log(`  ${c}`);
@@ -192,7 +211,8 @@ async function main(): Promise<void> {
   const openMode = dmrStatus !== undefined ? String(dmrStatus.openMode ?? '?') : '?';
   console.log(
     `open modes: dm-remapd openMode=${openMode} (engine O_DIRECT on main and spare); raw fio direct=1; qemu-nbd --cache=none = O_DIRECT; ` +
-      'nbdkit cache=none is not O_DIRECT (it evicts what it read/wrote from the page cache); nbdkit default = page cache',
+      'nbdkit cache=none is not O_DIRECT (it evicts what it read/wrote from the page cache); nbdkit default = page cache' +
+      (ceiling.bin !== undefined ? '; nbd-ceiling O_DIRECT' : ''),
   );
 
   for (const [i, w] of WORKLOADS.entries()) {
@@ -219,7 +239,7 @@ async function main(): Promise<void> {
   console.log('\n== Ratios (dm-remapd / peer, same workload; raw = the first raw fio run)');
   console.log(
     table(
-      ['workload', 'dm-remapd', '/ nbdkit none', 'goal >= 2x', '/ raw fio', 'goal >= 0.9x', '/ nbdkit cache', '/ qemu-nbd', 'raw again/raw'],
+      ['workload', 'dm-remapd', '/ nbdkit none', 'goal >= 2x', '/ raw fio', 'goal >= 0.9x', '/ nbdkit cache', '/ qemu-nbd', 'raw again/raw', 'ceiling sleep / raw', 'dm-remapd / ceiling sleep'],
       WORKLOADS.map((w, i) => {
         const d = get('dmr', i).fio;
         const rNone = d.iops / get('nbdkitNone', i).fio.iops;
@@ -232,11 +252,19 @@ async function main(): Promise<void> {
           w.label, perSec(w, d), fmtRatio(rNone), verdict(okNone), fmtRatio(rRaw), verdict(okRaw),
           fmtRatio(d.iops / get('nbdkitCache', i).fio.iops), fmtRatio(d.iops / get('qemu', i).fio.iops),
           fmtRatio(get('rawAgain', i).fio.iops / get('raw', i).fio.iops),
+          fmtRatio(ratio('ceilSleep', 'raw', i)), fmtRatio(ratio('dmr', 'ceilSleep', i)),
         ];
       }),
     ),
   );
   console.log('   / nbdkit cache and / qemu-nbd are reported, not goals. raw again/raw: how far the disk itself drifted during the run.');
+  console.log(
+    ceilingBin !== undefined
+      ? '   ceiling (reported, not goals): bench/nbd-ceiling.c, the least NBD server (a process per connection, one thread, io_uring for socket and file,\n' +
+          '   batched out-of-order simple replies) under the same fio nbd client: ceiling sleep / raw = what the socket hop and wake-ups leave of raw;\n' +
+          `   busy-polling (burns a core) reaches ${WORKLOADS.map((w, i) => `${w.label.split(' ')[0]} ${fmtRatio(ratio('ceilSpin', 'raw', i))}`).join(', ')} of raw.`
+      : `   ceiling columns: - (ceiling peer skipped: ${ceiling.note ?? '?'})`,
+  );
 
   if (dmrStatus !== undefined) {
     const s = dmrStatus;
@@ -277,6 +305,17 @@ async function main(): Promise<void> {
       config: { seconds: SECONDS, rampSeconds: RAMP, fileBytes: FILE_BYTES, jobs: JOBS, fio: fioVer, node: process.version, kernel: os.release(), cpus: os.cpus().length },
       openMode,
       commands,
+      ceiling: {
+        built: ceilingBin !== undefined,
+        note: ceiling.note,
+        ratios: WORKLOADS.map((w, i) => ({
+          workload: w.label,
+          ceilingSleepOverRaw: ratio('ceilSleep', 'raw', i),
+          ceilingSpinOverRaw: ratio('ceilSpin', 'raw', i),
+          dmrOverCeilingSleep: ratio('dmr', 'ceilSleep', i),
+          dmrOverCeilingSpin: ratio('dmr', 'ceilSpin', i),
+        })),
+      },
       notes,
       workloads: WORKLOADS.map((w, i) => ({
         ...w,

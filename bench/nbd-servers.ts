@@ -2,7 +2,8 @@
  * The NBD servers of `npm run bench:nbd`, each started on a unix socket in
  * the bench's temp folder and stopped again: the dm-remapd daemon (spawned
  * from dist/, the device added with remapctl), nbdkit's file plugin and
- * qemu-nbd. Every child runs in its own process group and is tracked, so
+ * qemu-nbd, and the ceiling peer (bench/nbd-ceiling.c, compiled at bench
+ * start). Every child runs in its own process group and is tracked, so
  * util.cleanupNow() kills it on Ctrl-C or an error.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -16,6 +17,8 @@ import { sleep, trackChild } from './util.js';
 const DIST = join(fileURLToPath(new URL('.', import.meta.url)), '..');
 export const DAEMON_JS = join(DIST, 'src', 'daemon', 'main.js');
 export const REMAPCTL_JS = join(DIST, 'src', 'cli', 'remapctl.js');
+/** The repo's bench/ folder (sources, not built). */
+export const CEILING_C = join(DIST, '..', 'bench', 'nbd-ceiling.c');
 
 export interface NbdServer {
   /** Short label used in the tables. */
@@ -26,6 +29,8 @@ export interface NbdServer {
   uri: string;
   /** Notes worth printing (e.g. a fallback taken). */
   notes: string[];
+  /** usr+sys CPU seconds of the whole server so far, when `pid` alone does not cover it (forked workers). */
+  cpuSeconds?(): number;
   stop(): Promise<void>;
 }
 
@@ -41,6 +46,30 @@ export function processCpuSeconds(pid: number): number {
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     // fields[0] is the state (field 3); utime and stime are fields 14 and 15.
     return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+  } catch {
+    return NaN;
+  }
+}
+
+/**
+ * CPU seconds of a forking server: its own usr+sys, that of its reaped
+ * children (cutime+cstime) and that of its live children (from
+ * /proc/PID/task/PID/children). A child that exits between the reads may be
+ * missed once; the ceiling reaps its children at once, so this is rare.
+ */
+export function processTreeCpuSeconds(pid: number): number {
+  const CLK_TCK = 100;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14 to 17.
+    let sum = (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLK_TCK;
+    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter((x) => x !== '');
+    for (const k of kids) {
+      const v = processCpuSeconds(Number(k));
+      if (Number.isFinite(v)) sum += v;
+    }
+    return sum;
   } catch {
     return NaN;
   }
@@ -159,6 +188,60 @@ export async function startQemuNbd(dir: string, file: string, maxClients: number
 export function qemuNbdVersion(): string {
   const r = spawnSync('qemu-nbd', ['--version'], { encoding: 'utf8' });
   return r.status === 0 ? (r.stdout.split('\n')[0] ?? '').trim() : 'qemu-nbd ?';
+}
+
+// ------------------------------------------------------------------ ceiling
+
+export interface CeilingBuild {
+  /** The compiled binary, or undefined when it could not be built. */
+  bin?: string;
+  /** Why not, for the report. */
+  note?: string;
+  command: string;
+}
+
+/**
+ * Compiles bench/nbd-ceiling.c into `dir` (gcc -O2 -Wall ... -luring). A
+ * missing gcc or missing liburing headers is not an error: the result then
+ * has no `bin` and says why, and the bench skips the ceiling rows.
+ */
+export function buildCeiling(dir: string): CeilingBuild {
+  const bin = join(dir, 'nbd-ceiling');
+  const args = ['-O2', '-Wall', '-o', bin, CEILING_C, '-luring'];
+  const command = `gcc ${args.join(' ')}`;
+  if (!existsSync(CEILING_C)) return { command, note: `${CEILING_C} not found` };
+  const r = spawnSync('gcc', args, { encoding: 'utf8', timeout: 120_000 });
+  if (r.error !== undefined) {
+    const code = (r.error as NodeJS.ErrnoException).code;
+    return { command, note: code === 'ENOENT' ? 'gcc not found (apt install build-essential)' : `gcc: ${r.error.message}` };
+  }
+  if (r.status !== 0) {
+    const err = (r.stderr ?? '').trim();
+    if (/liburing\.h|-luring|cannot find -luring/.test(err)) return { command, note: 'liburing headers/library missing (apt install liburing-dev)' };
+    return { command, note: `gcc failed (exit ${r.status}): ${err.split('\n').slice(0, 4).join(' | ')}` };
+  }
+  return { command, bin };
+}
+
+/** The ceiling server on a unix socket; `spin` = busy-poll its ring instead of sleeping. */
+export async function startCeiling(dir: string, bin: string, file: string, spin: boolean): Promise<NbdServer> {
+  const tag = spin ? 'ceiling-spin' : 'ceiling-sleep';
+  const sock = join(dir, `${tag}.sock`);
+  const logPath = join(dir, `${tag}.log`);
+  const args = [sock, file, ...(spin ? ['--spin'] : [])];
+  // It forks a child per connection; SIGTERM to it kills them, and the group kill covers the rest.
+  const c = spawnTracked(bin, args, logPath);
+  if (!(await waitListening(c, sock, 'nbd-ceiling', logPath))) throw new Error(`nbd-ceiling exited at start: ${tail(logPath)}`);
+  const pid = c.pid as number;
+  return {
+    label: spin ? 'ceiling C server (busy-polls)' : 'ceiling C server (sleeps)',
+    command: `nbd-ceiling ${args.join(' ')}`,
+    pid,
+    uri: uriOf(sock),
+    notes: [],
+    cpuSeconds: () => processTreeCpuSeconds(pid),
+    stop: () => terminate(c, 3000),
+  };
 }
 
 // ------------------------------------------------------------------ dm-remapd
