@@ -520,7 +520,7 @@ export class BlockEngine {
     if (this.table.size === 0 && (req.op === 'read' || this.pending.size === 0)) return true;
     const first = req.offset / this.blockSize;
     const end = first + req.length / this.blockSize;
-    if (this.table.size > 0 && this.table.nextInRange(first, end) >= 0) return false;
+    if (this.table.size > 0 && (end - first === 1 ? this.table.get(first) >= 0 : this.table.nextInRange(first, end) >= 0)) return false;
     return req.op === 'read' || this.pending.size === 0 || this.pending.nextInRange(first, end) < 0;
   }
 
