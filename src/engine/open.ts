@@ -4,7 +4,7 @@ import { BackingDevice } from '../native/backing.js';
 import { RemapTable } from '../remap/remap-table.js';
 import { BlockSet } from '../remap/block-set.js';
 import { RecordType, type MetaRecord } from '../metadata/records.js';
-import { formatSpare, loadSpare, type LoadedMetadata } from '../metadata/store.js';
+import { FormatInterruptedError, formatSpare, loadSpare, type LoadedMetadata } from '../metadata/store.js';
 import { computeLayout } from '../metadata/layout.js';
 import { MetadataWriter } from '../metadata/writer.js';
 import { BlockEngine, type EngineParts } from './engine.js';
@@ -164,6 +164,8 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
       loaded = await loadSpare(metaIO, { areaOffset, areaBytes });
     } catch (err) {
       if (!(err instanceof RemapError) || err.errno !== ERRNO.ENODATA || o.format !== true) {
+        // An interrupted format: its message names the spare, when it started and what to run.
+        if (err instanceof FormatInterruptedError) throw err;
         if (err instanceof RemapError && err.errno === ERRNO.ENODATA) {
           throw new RemapError(ERRNO.ENODATA, `spare ${spare.info.path} has no dm-remapd metadata; format it explicitly (--format)`, {
             device: o.name, op: 'open',
@@ -181,6 +183,7 @@ export async function openEngine(o: OpenEngineOptions): Promise<BlockEngine> {
       await formatSpare(metaIO, {
         areaOffset, areaBytes, blockSize, journalBytes, maxPending: pendingWithPoolReserve(o, areaOffset, areaBytes, blockSize, journalBytes),
         identity: { main: found, name: o.name },
+        onRedo: (note, m) => log.warn({ event: 'format-redone', device: o.name, spare: spare.info.path, interruptedUuid: m.deviceUuid, startedAtMs: m.startedAtMs }, note),
       });
       log.info({ event: 'formatted', device: o.name, spare: spare.info.path, blockSize }, `formatted spare ${spare.info.path}`);
       loaded = await loadSpare(metaIO, { areaOffset, areaBytes });

@@ -181,6 +181,95 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockResult {
   return { status: 'valid', sb: { version, copyIndex, identity, layout } };
 }
 
+// ------------------------------------------------ format-in-progress marker
+
+/** Format-in-progress marker magic, 8 ASCII bytes (docs/FORMAT.md section 2a). */
+export const MARKER_MAGIC = enc.encode('DRFMTINP');
+export const MARKER_VERSION = 1;
+/** Marker flag: the area held dm-remapd metadata when this (forced) format started. */
+export const MARKER_REPLACING = 1;
+
+/**
+ * What `formatSpare` writes into both superblock slots before anything
+ * else, so that an interrupted format is told apart from a wiped or
+ * corrupt area. The real superblocks overwrite it last.
+ */
+export interface FormatMarker {
+  copyIndex: 0 | 1;
+  /** Device UUID of the format in progress (its format id stamps the structures it writes). */
+  deviceUuid: string;
+  startedAtMs: number;
+  /** Format version being written. */
+  formatVersion: number;
+  /** The area held dm-remapd metadata when the format started (it was forced over it). */
+  replacing: boolean;
+  areaOffset: number;
+  /** Rounded to 4 KiB, as in the superblock. */
+  areaBytes: number;
+}
+
+export function encodeFormatMarker(m: FormatMarker): Uint8Array {
+  for (const [n, w] of [
+    [m.startedAtMs, 'startedAtMs'],
+    [m.areaOffset, 'areaOffset'],
+    [m.areaBytes, 'areaBytes'],
+  ] as const)
+    checkU64(n, w);
+  const buf = new Uint8Array(META_BLOCK);
+  const v = new DataView(buf.buffer);
+  buf.set(MARKER_MAGIC, 0);
+  v.setUint32(8, MARKER_VERSION, true);
+  v.setUint32(12, m.copyIndex, true);
+  buf.set(uuidToBytes(m.deviceUuid), 16);
+  setU64(v, 32, m.startedAtMs);
+  v.setUint32(40, m.formatVersion, true);
+  v.setUint32(44, m.replacing ? MARKER_REPLACING : 0, true);
+  setU64(v, 48, m.areaOffset);
+  setU64(v, 56, m.areaBytes);
+  v.setUint32(SB_CRC_OFF, crc32c(buf.subarray(0, SB_CRC_OFF)), true);
+  return buf;
+}
+
+export type FormatMarkerResult = { status: 'valid'; marker: FormatMarker } | { status: 'absent' } | { status: 'corrupt'; reason: string };
+
+/** Decodes a format-in-progress marker. `absent`: no marker magic; `corrupt`: magic present but invalid. */
+export function decodeFormatMarker(buf: Uint8Array): FormatMarkerResult {
+  if (buf.length < META_BLOCK || !hasBytes(buf, 0, MARKER_MAGIC)) return { status: 'absent' };
+  const v = new DataView(buf.buffer, buf.byteOffset, META_BLOCK);
+  const stored = v.getUint32(SB_CRC_OFF, true);
+  const crc = crc32c(buf.subarray(0, SB_CRC_OFF));
+  if (stored !== crc) return { status: 'corrupt', reason: `format-in-progress marker CRC mismatch (stored 0x${stored.toString(16)}, computed 0x${crc.toString(16)})` };
+  const version = v.getUint32(8, true);
+  if (version !== MARKER_VERSION) return { status: 'corrupt', reason: `unsupported format-in-progress marker version ${version}` };
+  const copyIndex = v.getUint32(12, true);
+  if (copyIndex !== 0 && copyIndex !== 1) return { status: 'corrupt', reason: `format-in-progress marker has a bad copy index ${copyIndex}` };
+  const flags = v.getUint32(44, true);
+  if ((flags & ~MARKER_REPLACING) !== 0 || !allZero(buf, 64, SB_CRC_OFF)) return { status: 'corrupt', reason: 'format-in-progress marker has reserved bits or bytes set' };
+  const startedAtMs = getU64(v, 32);
+  const areaOffset = getU64(v, 48);
+  const areaBytes = getU64(v, 56);
+  if (startedAtMs < 0 || areaOffset < 0 || areaBytes < 0) return { status: 'corrupt', reason: 'format-in-progress marker field beyond 2^53' };
+  if (areaOffset % META_BLOCK !== 0 || areaBytes % META_BLOCK !== 0 || areaBytes < 2 * META_BLOCK)
+    return { status: 'corrupt', reason: `format-in-progress marker describes an impossible area ${areaOffset}+${areaBytes}` };
+  return {
+    status: 'valid',
+    marker: {
+      copyIndex: copyIndex as 0 | 1,
+      deviceUuid: bytesToUuid(buf.subarray(16, 32)),
+      startedAtMs,
+      formatVersion: v.getUint32(40, true),
+      replacing: (flags & MARKER_REPLACING) !== 0,
+      areaOffset,
+      areaBytes,
+    },
+  };
+}
+
+/** Where the marker of copy `m.copyIndex` of its area belongs. */
+export function markerOffset(m: FormatMarker): number {
+  return m.copyIndex === 0 ? m.areaOffset : m.areaOffset + m.areaBytes - META_BLOCK;
+}
+
 // -------------------------------------------------- journal/checkpoint blocks
 
 export interface BlockHeader {

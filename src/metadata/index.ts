@@ -5,6 +5,7 @@ export { computeLayout, spareBlockOffset, RECORDS_PER_BLOCK, DEFAULT_JOURNAL_BYT
 export { FORMAT_VERSION, type Identity, type MainIdentity } from './format.js';
 export {
   formatSpare,
+  FormatInterruptedError,
   loadSpare,
   inspectSpare,
   repairSpare,

@@ -10,11 +10,15 @@ import {
   JOURNAL_MAGIC,
   SB_MAGIC,
   decodeBlock,
+  decodeFormatMarker,
   decodeSuperblock,
   encodeBlocks,
+  encodeFormatMarker,
   encodeSuperblock,
   formatIdOf,
+  markerOffset,
   type DecodedBlock,
+  type FormatMarker,
   type Identity,
   type MainIdentity,
   type Superblock,
@@ -86,6 +90,30 @@ export interface FormatOptions {
   journalBytes?: number;
   maxPending?: number;
   force?: boolean;
+  /**
+   * Called (before anything is written) when the area holds only what an
+   * interrupted format left (format-in-progress markers and that format's
+   * structures) and this format redoes it without force.
+   */
+  onRedo?: (note: string, interrupted: FormatMarker) => void;
+}
+
+/**
+ * Load of an area whose superblock slots hold format-in-progress markers
+ * and no superblock: a format started and never finished. ENODATA (there
+ * is no metadata), with a message that says so and what to run.
+ * `redoable`: an unforced format may redo it (docs/FORMAT.md section 8).
+ */
+export class FormatInterruptedError extends RemapError {
+  constructor(
+    readonly marker: FormatMarker,
+    readonly redoable: boolean,
+    message: string,
+    device: string,
+  ) {
+    super(ERRNO.ENODATA, message, { device, op: 'metadata-load' });
+    this.name = 'FormatInterruptedError';
+  }
 }
 
 export type InspectResult =
@@ -114,15 +142,57 @@ function reasonOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-type SbRead = SuperblockResult | { status: 'unreadable'; reason: string; errno: number } | { status: 'outside'; reason: string };
+type SbRead =
+  | SuperblockResult
+  | { status: 'absent'; reason: string; marker: FormatMarker }
+  | { status: 'unreadable'; reason: string; errno: number }
+  | { status: 'outside'; reason: string };
+
+function describeMarker(m: FormatMarker): string {
+  return `format-in-progress marker: a format started at ${new Date(m.startedAtMs).toISOString()} (device uuid ${m.deviceUuid}) never finished`;
+}
+
+/**
+ * A superblock slot: a superblock, or else a format-in-progress marker
+ * (a corrupt or misplaced marker counts as corrupt: magic present).
+ */
+function decodeSlot(buf: Uint8Array, offset: number): SbRead {
+  const r = decodeSuperblock(buf);
+  if (r.status !== 'absent') return r;
+  const m = decodeFormatMarker(buf);
+  if (m.status === 'absent') return r;
+  if (m.status === 'corrupt') return { status: 'corrupt', reason: m.reason };
+  if (markerOffset(m.marker) !== offset)
+    return { status: 'corrupt', reason: `format-in-progress marker of copy ${m.marker.copyIndex} of an area at ${m.marker.areaOffset}+${m.marker.areaBytes} found at offset ${offset}` };
+  return { status: 'absent', reason: describeMarker(m.marker), marker: m.marker };
+}
 
 async function readSuperblock(io: MetaIO, offset: number, lowest: number): Promise<SbRead> {
   if (offset < lowest || offset + META_BLOCK > io.sizeBytes) return { status: 'outside', reason: `offset ${offset} is outside the device (size ${io.sizeBytes})` };
   try {
-    return decodeSuperblock(await io.read(offset, META_BLOCK));
+    return decodeSlot(await io.read(offset, META_BLOCK), offset);
   } catch (e) {
     return { status: 'unreadable', reason: `read failed: ${reasonOf(e)}`, errno: errnoOf(e) };
   }
+}
+
+/**
+ * Whether the area left by interrupted formats (their valid markers; no
+ * superblock, no corrupt superblock) may be formatted again without force.
+ * Not when one of them was a forced format over existing metadata, nor
+ * when the first checkpoint block (areaOffset + 4096) holds a checkpoint
+ * block that is not a valid one of one of these formats.
+ */
+function interruptedVerdict(markers: FormatMarker[], ckptBlock: Uint8Array | undefined, ckptAt: number): { redoable: true } | { redoable: false; why: string } {
+  const forced = markers.find((m) => m.replacing);
+  if (forced) return { redoable: false, why: `that format (device uuid ${forced.deviceUuid}) was forced over existing dm-remapd metadata` };
+  if (ckptBlock !== undefined && hasMagic(ckptBlock, CHECKPOINT_MAGIC) && !markers.some((m) => decodeBlock(ckptBlock, CHECKPOINT_MAGIC, formatIdOf(m.deviceUuid)).ok))
+    return { redoable: false, why: `the checkpoint block at ${ckptAt} is not one that format wrote` };
+  return { redoable: true };
+}
+
+function newestMarker(markers: FormatMarker[]): FormatMarker {
+  return markers.reduce((a, b) => (b.startedAtMs > a.startedAtMs ? b : a));
 }
 
 function sameFormat(a: Superblock, b: Superblock): boolean {
@@ -192,15 +262,29 @@ async function scan(io: MetaIO, opts: LoadOptions): Promise<LoadedMetadata> {
   const sb = sb0 ?? sb1;
   if (!sb) {
     let ckptMagic = false;
+    let ckptBlock: Uint8Array | undefined;
     if (areaOffset + 2 * META_BLOCK <= io.sizeBytes) {
       try {
-        ckptMagic = hasMagic(await io.read(areaOffset + META_BLOCK, META_BLOCK), CHECKPOINT_MAGIC);
+        ckptBlock = await io.read(areaOffset + META_BLOCK, META_BLOCK);
+        ckptMagic = hasMagic(ckptBlock, CHECKPOINT_MAGIC);
       } catch {
         /* reported through the superblock reads */
       }
     }
-    const magic = sbr.some((r) => r.status === 'corrupt') || ckptMagic;
     const unreadable = sbr.find((r): r is Extract<SbRead, { status: 'unreadable' }> => r.status === 'unreadable');
+    const corruptSb = sbr.some((r) => r.status === 'corrupt');
+    const markers = sbr.flatMap((r) => ('marker' in r ? [r.marker] : []));
+    if (markers.length > 0 && !corruptSb && !unreadable) {
+      // Only what an interrupted format leaves: say so, and what to do.
+      const m = newestMarker(markers);
+      const v = interruptedVerdict(markers, ckptBlock, areaOffset + META_BLOCK);
+      const started = `spare ${dev}: a format started at ${new Date(m.startedAtMs).toISOString()} (device uuid ${m.deviceUuid}) never finished, so it holds no usable dm-remapd metadata`;
+      const msg = v.redoable
+        ? `${started}; run \`remapctl add ... --format\` again to redo it`
+        : `${started}; ${v.why}, so only a forced format may redo it (an unforced format refuses, as it refused before)`;
+      throw new LoadFailure(new FormatInterruptedError(m, v.redoable, msg, dev), copies, warnings);
+    }
+    const magic = corruptSb || ckptMagic;
     const what = sbr.map((r, i) => `copy ${i} superblock at ${sbAt[i]}: ${r.status === 'valid' ? 'valid' : `${r.status} (${r.reason})`}`).join('; ');
     if (magic)
       throw new LoadFailure(
@@ -474,10 +558,47 @@ async function writeZeros(io: MetaIO, offset: number, length: number): Promise<v
 }
 
 /**
+ * What an unforced format would find in the way: superblocks (valid or
+ * corrupt) and corrupt markers at the superblock positions, a checkpoint
+ * block at copy 0's slot 0 that no interrupted format there wrote, markers
+ * of a forced format. `markers`: the valid format-in-progress markers.
+ */
+async function probeArea(io: MetaIO, layout: Layout): Promise<{ found: string[]; markers: FormatMarker[] }> {
+  const found: string[] = [];
+  const markers: FormatMarker[] = [];
+  const seen = new Set<number>();
+  for (const off of [layout.copies[0].superblock, layout.copies[1].superblock, floor4k(io.sizeBytes) - META_BLOCK]) {
+    if (off < 0 || off + META_BLOCK > io.sizeBytes || seen.has(off)) continue;
+    seen.add(off);
+    const buf = await io.read(off, META_BLOCK);
+    const r = decodeSlot(buf, off);
+    if (r.status === 'valid') found.push(`superblock at ${off} (valid, device ${r.sb.identity.deviceUuid})`);
+    else if (r.status === 'corrupt') found.push(`${hasMagic(buf, SB_MAGIC) ? 'superblock' : 'format-in-progress marker'} at ${off} (corrupt: ${r.reason})`);
+    else if ('marker' in r) markers.push(r.marker);
+  }
+  const ckAt = layout.copies[0].checkpointSlots[0];
+  if (ckAt + META_BLOCK <= io.sizeBytes) {
+    const ck = await io.read(ckAt, META_BLOCK);
+    if (hasMagic(ck, CHECKPOINT_MAGIC)) {
+      const v = markers.length > 0 ? interruptedVerdict(markers, ck, ckAt) : undefined;
+      if (v === undefined) found.push(`checkpoint block at ${ckAt}`);
+      else if (!v.redoable) found.push(`checkpoint block at ${ckAt}; interrupted format: ${v.why}`);
+    }
+  }
+  if (found.length === 0 && markers.length > 0) {
+    const v = interruptedVerdict(markers, undefined, ckAt);
+    if (!v.redoable) found.push(`${describeMarker(newestMarker(markers))}; ${v.why}`);
+  }
+  return { found, markers };
+}
+
+/**
  * Formats a spare area: both superblocks, an empty checkpoint (seq 0) in
  * slot 0 of both copies, zeroed slot 1 header and journals. Refuses with
  * EEXIST when metadata (valid or magic-bearing) is already there, unless
- * `force`.
+ * `force`. An area holding only what an interrupted unforced format left
+ * (format-in-progress markers and its own structures) is formatted again
+ * without force (`onRedo` is told).
  */
 export async function formatSpare(io: MetaIO, opts: FormatOptions): Promise<Layout> {
   const dev = io.describe();
@@ -495,30 +616,59 @@ export async function formatSpare(io: MetaIO, opts: FormatOptions): Promise<Layo
   if (opts.identity.name !== undefined) identity.name = opts.identity.name;
   const sbs = superblocksFor(identity, layout); // validates identity before anything is written
 
+  // A forced format over existing metadata says so in its markers: if it is
+  // interrupted, only a forced format may redo it (the old metadata is gone,
+  // but an unforced format must not be the one that finishes replacing it).
+  let replacing = false;
+  let redo = false;
   if (!opts.force) {
-    const found: string[] = [];
-    const probe = async (off: number, what: string, magic: Uint8Array): Promise<void> => {
-      if (off < 0 || off + META_BLOCK > io.sizeBytes) return;
-      const buf = await io.read(off, META_BLOCK);
-      if (hasMagic(buf, magic)) {
-        const r = magic === SB_MAGIC ? decodeSuperblock(buf) : undefined;
-        found.push(`${what} at ${off}${r ? (r.status === 'valid' ? ` (valid, device ${r.sb.identity.deviceUuid})` : ` (corrupt: ${r.reason})`) : ''}`);
-      }
-    };
-    await probe(layout.copies[0].superblock, 'superblock', SB_MAGIC);
-    await probe(layout.copies[1].superblock, 'superblock', SB_MAGIC);
-    await probe(floor4k(io.sizeBytes) - META_BLOCK, 'superblock', SB_MAGIC);
-    await probe(layout.copies[0].checkpointSlots[0], 'checkpoint block', CHECKPOINT_MAGIC);
+    const { found, markers } = await probeArea(io, layout);
     if (found.length > 0)
       throw new RemapError(ERRNO.EEXIST, `${dev} already holds dm-remapd metadata (${[...new Set(found)].join('; ')}); refusing to format it without force`, {
         device: dev,
         op: 'metadata-format',
       });
+    if (markers.length > 0) {
+      redo = true;
+      const m = newestMarker(markers);
+      opts.onRedo?.(`${dev}: redoing an interrupted format (started at ${new Date(m.startedAtMs).toISOString()}, device uuid ${m.deviceUuid}) as device uuid ${identity.deviceUuid}`, m);
+    }
+  } else {
+    try {
+      const { found, markers } = await probeArea(io, layout);
+      replacing = found.length > 0;
+      redo = !replacing && markers.length > 0;
+    } catch {
+      replacing = true; // unreadable: assume there was something
+    }
   }
 
-  // 1. Invalidate old superblocks so a crash mid-format never leaves a valid superblock over new structures.
+  // 0. A redo first removes the interrupted format's checkpoint block: once
+  // the new markers replace the old ones, nothing would tie it to a format
+  // that may be redone (and a crash right then would need force).
   const zeroBlock = new Uint8Array(META_BLOCK);
-  for (const c of [0, 1] as const) await io.write(layout.copies[c].superblock, zeroBlock);
+  if (redo) {
+    await io.write(layout.copies[0].checkpointSlots[0], zeroBlock);
+    await io.sync();
+  }
+
+  // 1. Format-in-progress markers over both superblocks: a crash mid-format
+  // never leaves a valid superblock over new structures, and the next load
+  // (or unforced format) tells an interrupted format from a wiped area.
+  const startedAtMs = Date.now();
+  for (const c of [0, 1] as const)
+    await io.write(
+      layout.copies[c].superblock,
+      encodeFormatMarker({
+        copyIndex: c,
+        deviceUuid: identity.deviceUuid,
+        startedAtMs,
+        formatVersion: FORMAT_VERSION,
+        replacing,
+        areaOffset: layout.areaOffset,
+        areaBytes: layout.areaBytes,
+      }),
+    );
   await io.sync();
   // 2. Structures.
   const formatId = formatIdOf(identity.deviceUuid);
