@@ -67,6 +67,13 @@ NativeBacking::NativeBacking(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     onComplete_ = Napi::Persistent(info[0].As<Napi::Function>());
     Napi::Float64Array arr = info[1].As<Napi::Float64Array>();
     completionsCap_ = arr.ElementLength() / 2;
+    // DM_REMAPD_REAP_BATCH=N (1..the array's capacity; 0 = no limit) sets
+    // the completions per reap round, for comparisons.
+    if (const char* rb = getenv("DM_REMAPD_REAP_BATCH")) {
+      unsigned long n = strtoul(rb, nullptr, 10);
+      roundCap_ = n == 0 ? completionsCap_ : n;
+    }
+    if (roundCap_ == 0 || roundCap_ > completionsCap_) roundCap_ = completionsCap_;
     completionsRef_ = Napi::Persistent(arr);
     asyncContext_ = std::make_unique<Napi::AsyncContext>(env, "dm_remapd:backing");
   } else {
@@ -596,10 +603,16 @@ void NativeBacking::Reap() {
 
   // Each round: one io_uring_enter submits what the previous round's
   // callback queued and (DEFER_TASKRUN) posts what finished meanwhile; then
-  // one JS call takes every completion. Rounds go on while completions keep
-  // coming, so a busy device costs one syscall per batch instead of an
-  // epoll wakeup, an eventfd read, a reap and a submit.
-  for (int round = 0; round < 16; ++round) {
+  // one JS call takes up to roundCap_ completions. Rounds go on while
+  // completions keep coming, so a busy device costs one syscall per round
+  // instead of an epoll wakeup, an eventfd read, a reap and a submit. The
+  // cap (8) hands the I/O that JS issues from its callbacks to the kernel
+  // after every 8 completions instead of after the whole backlog, which
+  // keeps the device's queue fuller: +3.5 % and +8 % median IOPS at 4 KiB
+  // QD32 in two A/Bs of 5-6 alternating runs on an idle host, QD128
+  // unchanged, at 0.2 us more CPU per I/O.
+  bool more = false;
+  for (int round = 0; round < 64; ++round) {
     if (io_uring_sq_ready(&ring_) > 0 || deferTaskrun_) {
       int rc;
       do {
@@ -611,7 +624,7 @@ void NativeBacking::Reap() {
     Napi::Float64Array arr = completionsRef_.Value();
     double* out = arr.Data();
     size_t cnt = 0;
-    const size_t cap = completionsCap_;
+    const size_t cap = roundCap_;
 
     io_uring_cqe* cqe;
     unsigned head;
@@ -649,6 +662,7 @@ void NativeBacking::Reap() {
                              shared_->results.begin() + static_cast<std::ptrdiff_t>(take));
       inflight_ -= take;
     }
+    more = cnt == cap;
     if (cnt == 0) break;
     UpdateLoopRef();
 
@@ -673,6 +687,10 @@ void NativeBacking::Reap() {
     } while (rc == -EINTR);
     if (rc < 0) SignalEventFd();
   }
+  // The round limit was hit with completions left (posted, or deferred work
+  // that no new completion may signal again): come back on the next loop
+  // turn instead of waiting for the device to complete something else.
+  if (more || io_uring_cq_ready(&ring_) > 0) SignalEventFd();
 }
 
 // dupFd() -> a new close-on-exec descriptor of the open device | -errno.

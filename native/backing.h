@@ -104,6 +104,7 @@ class NativeBacking : public Napi::ObjectWrap<NativeBacking> {
   Napi::FunctionReference onComplete_;
   Napi::Reference<Napi::Float64Array> completionsRef_;
   size_t completionsCap_ = 0;  // (id, res) pairs
+  size_t roundCap_ = 8;        // completions handed to JS per reap round (see Reap)
   std::unique_ptr<Napi::AsyncContext> asyncContext_;
 
   std::shared_ptr<WorkerShared> shared_;
