@@ -51,7 +51,7 @@ export async function runEngineLoad(engine: BlockEngine, w: Workload, seconds: n
   const allDone = new Promise<void>((r) => (drained = r));
 
   const slots = Array.from({ length: w.qd }, (_, slot) => {
-    const buffer = allocAligned(w.bs);
+    const buffer = allocAligned(w.bs, 4096, true);
     if (w.op === 'write') {
       const r = xorshift32(seed * 7919 + slot + 1);
       const u32 = new Uint32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >>> 2);

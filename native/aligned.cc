@@ -31,8 +31,10 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   void* p = nullptr;
   // posix_memalign(0) may return NULL; always allocate at least one byte.
   size_t bytes = size == 0 ? 1 : size;
-  // Buffers of 1 MiB and more sit on whole 2 MiB huge pages (madvise, as
-  // THP is "madvise" on Debian): physically contiguous, so a 1 MiB O_DIRECT
+  // I/O buffers (third argument true) of 1 MiB and more sit on whole 2 MiB
+  // huge pages (madvise, as THP is "madvise" on Debian). Only on request:
+  // a one-shot buffer (a checkpoint) would pay the huge-page faults and
+  // compaction on the event loop for nothing. Physically contiguous, so a 1 MiB O_DIRECT
   // request is one segment list the device takes in one request, instead of
   // 256 scattered pages, more than virtio-blk's 254 segments, which the
   // block layer splits in two. Measured: the engine's 1 MiB QD4 sequential
@@ -44,7 +46,8 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
     return e != nullptr && std::strcmp(e, "0") == 0;
   }();
   constexpr size_t kHuge = size_t{2} << 20;
-  bool huge = !thpOff && size >= (size_t{1} << 20) && align <= kHuge;
+  bool wantHuge = info.Length() >= 3 && info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
+  bool huge = wantHuge && !thpOff && size >= (size_t{1} << 20) && align <= kHuge;
   if (huge) {
     align = kHuge;
     bytes = (bytes + kHuge - 1) & ~(kHuge - 1);

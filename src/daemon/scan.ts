@@ -250,7 +250,7 @@ export class ScanRun {
   /** Runs to the end (or cancel, or a non-media error). Never rejects. */
   async run(): Promise<ScanSnapshot> {
     const bs = this.engine.blockSize;
-    const buf = allocAligned(this.chunkBlocks * bs);
+    const buf = allocAligned(this.chunkBlocks * bs, 4096, true);
     const signal = this.abort.signal;
     this.log.info({
       event: `${this.kind}-started`, startBlock: this.startBlock, endBlock: this.endBlock, blockSize: bs,

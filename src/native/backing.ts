@@ -401,12 +401,17 @@ export class BackingDevice {
   }
 }
 
-/** A zeroed Buffer whose memory is aligned (posix_memalign), freed by its finalizer. */
-export function allocAligned(size: number, alignment = 4096): Buffer {
+/**
+ * A zeroed Buffer whose memory is aligned (posix_memalign), freed by its
+ * finalizer. `hugePages`: a long-lived I/O buffer; from 1 MiB up it sits on
+ * 2 MiB transparent huge pages, so an O_DIRECT request over it is physically
+ * contiguous (docs/NATIVE.md; DM_REMAPD_THP=0 turns it off).
+ */
+export function allocAligned(size: number, alignment = 4096, hugePages = false): Buffer {
   if (!Number.isInteger(size) || size < 0 || !Number.isInteger(alignment) || alignment < 8) {
     throw new RemapError(EINVAL, `allocAligned(${size}, ${alignment}): bad arguments`, { op: 'alloc' });
   }
-  const r = loadBinding().allocAligned(size, alignment);
+  const r = loadBinding().allocAligned(size, alignment, hugePages);
   if (typeof r === 'number') {
     throw new RemapError(-r, `allocAligned(${size}, ${alignment}) failed`, { op: 'alloc' });
   }

@@ -56,7 +56,7 @@ export interface NativeBackingConstructor {
 export interface NativeBinding {
   NativeBacking: NativeBackingConstructor;
   /** A zeroed Buffer over posix_memalign'd memory, or a negative errno. */
-  allocAligned(size: number, alignment: number): Buffer | number;
+  allocAligned(size: number, alignment: number, hugePages?: boolean): Buffer | number;
 }
 
 /** Nearest folder at or above `start` that holds a package.json. */

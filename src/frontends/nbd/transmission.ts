@@ -114,7 +114,7 @@ class AlignedPool {
       this.pooledBytes -= c;
       return b;
     }
-    return allocAligned(c);
+    return allocAligned(c, 4096, true);
   }
 
   put(b: Buffer): void {

@@ -174,7 +174,7 @@ class Server {
     this.depth = depth;
     this.maxIo = maxIo;
     this.bufs = [];
-    for (let q = 0; q < nq; q++) this.bufs.push(allocAligned(depth * maxIo, 4096));
+    for (let q = 0; q < nq; q++) this.bufs.push(allocAligned(depth * maxIo, 4096, true));
     this.batch = new Float64Array(nq * depth * UBLK_BATCH_STRIDE);
     this.out = new Float64Array(nq * depth * 3);
   }
