@@ -112,7 +112,8 @@ async function terminate(c: ChildProcess, graceMs: number): Promise<void> {
   clearTimeout(t);
 }
 
-function tryConnect(sock: string): Promise<boolean> {
+/** Whether something accepts a connection on unix socket `sock` now. */
+export function tryConnect(sock: string): Promise<boolean> {
   return new Promise((res) => {
     const s = connect(sock);
     s.once('connect', () => {

@@ -12,9 +12,9 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { tryConnect } from '../../bench/nbd-servers.js';
 
 const SRC = join(fileURLToPath(new URL('.', import.meta.url)), '..', '..', 'bench', 'nbd-ceiling.c');
 const PYTHON = '/usr/bin/python3';
@@ -43,17 +43,6 @@ function run(cmd: string, args: string[], timeoutMs = 20_000): Promise<{ code: n
 
 function exited(c: ChildProcess): boolean {
   return c.exitCode !== null || c.signalCode !== null;
-}
-
-function canConnect(sock: string): Promise<boolean> {
-  return new Promise((res) => {
-    const s = connect(sock);
-    s.once('connect', () => {
-      s.destroy();
-      res(true);
-    });
-    s.once('error', () => res(false));
-  });
 }
 
 function childrenOf(pid: number): number[] {
@@ -188,7 +177,7 @@ describe.skipIf(missing.length > 0)('bench/nbd-ceiling.c (the ceiling peer of be
     server = c;
     await until('the server to listen', async () => {
       if (exited(c)) throw new Error(`nbd-ceiling exited: ${serverLog}`);
-      return existsSync(sock) && canConnect(sock);
+      return existsSync(sock) && tryConnect(sock);
     });
     return { c, sock, uri: `nbd+unix:///?socket=${sock}` };
   }

@@ -15,7 +15,7 @@ import { MetadataWriter } from '../../src/metadata/writer.js';
 import { encodeFormatMarker, decodeFormatMarker, FORMAT_VERSION } from '../../src/metadata/format.js';
 import { reduce, stateToRecords, emptyState } from '../../src/metadata/reduce.js';
 import { ERRNO, RemapError } from '../../src/errors.js';
-import { IDENTITY, remap, tempDir } from './helpers.js';
+import { IDENTITY, rejection, remap, tempDir } from './helpers.js';
 
 const td = tempDir('fmt-int');
 afterAll(() => td.cleanup());
@@ -65,16 +65,6 @@ async function withIO<T>(p: string, f: (io: FileMetaIO) => Promise<T>): Promise<
   } finally {
     await io.close();
   }
-}
-
-async function rejection(p: Promise<unknown>): Promise<RemapError> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(RemapError);
-    return e as RemapError;
-  }
-  throw new Error('expected a rejection');
 }
 
 /** Writes of one complete format of the test area. */

@@ -95,3 +95,14 @@ export class TestIO implements MetaIO {
 export function timeoutCount(): number {
   return process.getActiveResourcesInfo().filter((r) => r === 'Timeout' || r === 'Immediate').length;
 }
+
+/** The RemapError `p` rejects with; fails the test when it resolves or rejects with anything else. */
+export async function rejection(p: Promise<unknown>): Promise<RemapError> {
+  try {
+    await p;
+  } catch (e) {
+    if (!(e instanceof RemapError)) throw new Error(`expected a RemapError, got ${String(e)}`);
+    return e;
+  }
+  throw new Error('expected a rejection');
+}

@@ -5,7 +5,7 @@ import { loadSpare, type LoadedMetadata } from '../../src/metadata/store.js';
 import { MetadataWriter } from '../../src/metadata/writer.js';
 import { doubleMappedSpares, emptyState, reduce, stateToRecords, statesEqual } from '../../src/metadata/reduce.js';
 import { RemapError } from '../../src/errors.js';
-import { TestIO, freshSpare, pendingAdd, quarantine, remap, tempDir, timeoutCount } from './helpers.js';
+import { TestIO, freshSpare, pendingAdd, quarantine, rejection, remap, tempDir, timeoutCount } from './helpers.js';
 
 const td = tempDir('writer');
 afterAll(() => td.cleanup());
@@ -19,16 +19,6 @@ async function reload(p: string): Promise<LoadedMetadata> {
   } finally {
     await io.close();
   }
-}
-
-async function rejection(p: Promise<unknown>): Promise<RemapError> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(RemapError);
-    return e as RemapError;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('MetadataWriter', () => {
