@@ -503,11 +503,7 @@ export class BlockEngine {
       this.fastPath(req, buf, done);
       return;
     }
-    const finish = (err: RemapError | null): void => {
-      if (--this.inFlightRequests === 0 && this.drainWaiters.length > 0) this.wakeDrainers();
-      done(err);
-    };
-    this.slowPath(req, buf).then(() => finish(null), (err: unknown) => finish(asRemapError(err, this.name)));
+    this.slowPath(req, buf).then(() => this.endRequest(done, null), (err: unknown) => this.endRequest(done, asRemapError(err, this.name)));
   }
 
   /**

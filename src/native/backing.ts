@@ -104,7 +104,6 @@ export class BackingDevice {
   #slotIds: Float64Array;
   #freeSlots: Int32Array;
   #freeCount: number;
-  #inFlight = 0;
   #seq = 0;
   #freeRecs: OpRecord[] = [];
   #queue: OpRecord[] = [];
@@ -174,7 +173,7 @@ export class BackingDevice {
 
   /** Ops accepted and not yet answered (in the kernel, in the worker, or queued in JS). */
   get inFlight(): number {
-    return this.#inFlight + this.#queue.length;
+    return this.#kernelOps() + this.#queue.length;
   }
 
   get closed(): boolean {
@@ -220,11 +219,15 @@ export class BackingDevice {
     deliver(cb, res);
   }
 
+  /** Ops in the kernel (slots taken). */
+  #kernelOps(): number {
+    return this.#maxInFlight - this.#freeCount;
+  }
+
   /** Takes the op of slot `slot` out of the kernel table. */
   #release(slot: number): void {
     this.#slots[slot] = null;
     this.#freeSlots[this.#freeCount++] = slot;
-    this.#inFlight--;
   }
 
   io(op: BackingOpCode, buf: Uint8Array | null, offset: number, length: number, flags = 0): Promise<number> {
@@ -275,7 +278,7 @@ export class BackingDevice {
       this.#cancelledInClose++;
       deliver(rec.cb, -ECANCELED);
     }
-    if (this.#inFlight > 0) {
+    if (this.#kernelOps() > 0) {
       this.#native.cancel();
       await new Promise<void>((resolve) => {
         const timer = setTimeout(() => {
@@ -292,7 +295,7 @@ export class BackingDevice {
     this.#nativeClosed = true;
     // The JS side already waited for the deadline; a worker still inside an
     // ioctl then is hung and gets detached almost at once.
-    this.#native.close(this.#inFlight > 0 ? 10 : 1000);
+    this.#native.close(this.#kernelOps() > 0 ? 10 : 1000);
     const left: OpRecord[] = [];
     for (let slot = 0; slot < this.#slots.length; slot++) {
       const rec = this.#slots[slot];
@@ -330,7 +333,6 @@ export class BackingDevice {
       const id = this.#seq++ * this.#maxInFlight + slot + 1;
       this.#slots[slot] = rec;
       this.#slotIds[slot] = id;
-      this.#inFlight++;
       const o = i * STRIDE;
       desc[o] = rec.op;
       desc[o + 1] = id;
@@ -359,7 +361,7 @@ export class BackingDevice {
       this.#finish(rec, res);
     }
     if (this.#queue.length > 0 && !this.#closed) this.#schedule();
-    if (this.#drained !== null && this.#inFlight === 0) this.#drained();
+    if (this.#drained !== null && this.#kernelOps() === 0) this.#drained();
   }
 
   #finish(rec: OpRecord, res: number): void {
