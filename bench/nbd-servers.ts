@@ -38,14 +38,19 @@ export function uriOf(sock: string): string {
   return `nbd+unix:///?socket=${sock}`;
 }
 
+const CLK_TCK = 100; // sysconf(_SC_CLK_TCK) on Linux (USER_HZ), fixed at 100
+
+/** The fields of /proc/PID/stat after the command name: [0] is the state (field 3), [11..14] utime, stime, cutime, cstime (fields 14-17). */
+function statFields(pid: number): string[] {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
 /** usr+sys CPU seconds of a process so far (all its threads), from /proc/PID/stat. */
 export function processCpuSeconds(pid: number): number {
-  const CLK_TCK = 100; // sysconf(_SC_CLK_TCK) on Linux (USER_HZ), fixed at 100
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // fields[0] is the state (field 3); utime and stime are fields 14 and 15.
-    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+    const f = statFields(pid);
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
   } catch {
     return NaN;
   }
@@ -58,11 +63,8 @@ export function processCpuSeconds(pid: number): number {
  * missed once; the ceiling reaps its children at once, so this is rare.
  */
 export function processTreeCpuSeconds(pid: number): number {
-  const CLK_TCK = 100;
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14 to 17.
+    const f = statFields(pid);
     let sum = (Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])) / CLK_TCK;
     const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter((x) => x !== '');
     for (const k of kids) {
