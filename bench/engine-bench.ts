@@ -8,8 +8,9 @@
  *   4. metadata commit latency with 1k and 1M entries
  *   5. group commit of 10,000 concurrent commit() calls
  *
- * Environment: BENCH_SECONDS (per workload, default 5), BENCH_FILE_GB (main
- * file, default 4), BENCH_RAMP_SECONDS (untimed warm-up per workload, default 1).
+ * Environment: BENCH_SECONDS (timed seconds per run, default 3), BENCH_FILE_GB
+ * (main file, default 4), BENCH_RAMP_SECONDS (untimed warm-up per run, default
+ * 1), BENCH_REPEATS (interleaved pairs per comparison, default 7).
  * Files live in a temp folder under /var/tmp, removed at the end, on errors and on Ctrl-C.
  */
 import os from 'node:os';
@@ -28,7 +29,7 @@ const FILE_BYTES = Math.floor((envNumber('BENCH_FILE_GB', 4, 0.0625) * GiB) / Mi
 const RAMP = envNumber('BENCH_RAMP_SECONDS', 1, 0);
 const SPARE_BYTES = 1 * GiB;
 /** Interleaved repetitions per comparison; the reported pair is the one with the median ratio. */
-const REPEATS = Math.floor(envNumber('BENCH_REPEATS', 5, 1));
+const REPEATS = Math.floor(envNumber('BENCH_REPEATS', 7, 1));
 const REMAPS = 10_000;
 const REMAP_CALLS = 64;
 const JSON_OUT = process.argv.includes('--json');
