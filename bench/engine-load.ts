@@ -27,83 +27,152 @@ export interface LoadResult {
   firstError: string | null;
 }
 
-/** Runs `w` for warmupSeconds untimed, then seconds timed; resolves once every request has finished. */
-export async function runEngineLoad(engine: BlockEngine, w: Workload, seconds: number, warmupSeconds: number, seed = 1): Promise<LoadResult> {
-  const blocks = Math.floor(engine.sizeBytes / w.bs);
-  if (blocks < 1) throw new Error(`device of ${engine.sizeBytes} bytes is smaller than one ${w.bs}-byte request`);
-  const rand = xorshift32(seed);
-  let cursor = 0;
-  const nextOffset =
-    w.pattern === 'random'
-      ? (): number => (rand() % blocks) * w.bs
-      : (): number => {
-          const o = cursor * w.bs;
-          cursor = cursor + 1 === blocks ? 0 : cursor + 1;
-          return o;
-        };
+/**
+ * A closed loop of `w.qd` requests against one engine that can be started
+ * and stopped again: each completion issues the next request until stop().
+ * Counts completions and errors over its whole life; a request that fails
+ * takes its slot out of the loop until the next start().
+ */
+export class EngineLoad {
+  done = 0;
+  errors = 0;
+  firstError: string | null = null;
+  private stopping = false;
+  private outstanding = 0;
+  private drained: (() => void) | null = null;
+  private readonly issuers: Array<() => void>;
 
-  let done = 0;
-  let errors = 0;
-  let firstError: string | null = null;
-  let stop = false;
-  let outstanding = 0;
-  let drained: () => void = () => {};
-  const allDone = new Promise<void>((r) => (drained = r));
+  constructor(
+    engine: BlockEngine,
+    readonly w: Workload,
+    seed = 1,
+  ) {
+    const blocks = Math.floor(engine.sizeBytes / w.bs);
+    if (blocks < 1) throw new Error(`device of ${engine.sizeBytes} bytes is smaller than one ${w.bs}-byte request`);
+    const rand = xorshift32(seed);
+    let cursor = 0;
+    const nextOffset =
+      w.pattern === 'random'
+        ? (): number => (rand() % blocks) * w.bs
+        : (): number => {
+            const o = cursor * w.bs;
+            cursor = cursor + 1 === blocks ? 0 : cursor + 1;
+            return o;
+          };
+    this.issuers = Array.from({ length: w.qd }, (_, slot) => {
+      const buffer = allocAligned(w.bs, 4096, true);
+      if (w.op === 'write') {
+        const r = xorshift32(seed * 7919 + slot + 1);
+        const u32 = new Uint32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >>> 2);
+        for (let i = 0; i < u32.length; i++) u32[i] = r();
+      }
+      // submitCb, as the frontends (NBD, ublk) drive the engine: no promise per request.
+      const req: EngineRequest = { op: w.op, offset: 0, length: w.bs, buffer };
+      const issue = (): void => {
+        this.outstanding++;
+        req.offset = nextOffset();
+        engine.submitCb(req, onComplete);
+      };
+      const onComplete = (err: RemapError | null): void => {
+        this.outstanding--;
+        if (err === null) {
+          this.done++;
+          if (!this.stopping) return issue();
+        } else {
+          // A failed slot issues nothing more until the next start(): an
+          // engine that fails at once would otherwise spin in microtasks.
+          this.errors++;
+          if (this.firstError === null) this.firstError = err.message;
+        }
+        if (this.outstanding === 0) this.drained?.();
+      };
+      return issue;
+    });
+  }
 
-  const slots = Array.from({ length: w.qd }, (_, slot) => {
-    const buffer = allocAligned(w.bs, 4096, true);
-    if (w.op === 'write') {
-      const r = xorshift32(seed * 7919 + slot + 1);
-      const u32 = new Uint32Array(buffer.buffer, buffer.byteOffset, buffer.byteLength >>> 2);
-      for (let i = 0; i < u32.length; i++) u32[i] = r();
-    }
-    // submitCb, as the frontends (NBD, ublk) drive the engine: no promise per request.
-    const req: EngineRequest = { op: w.op, offset: 0, length: w.bs, buffer };
-    const onComplete = (err: RemapError | null): void => (err === null ? onDone() : onError(err));
-    const issue = (): void => {
-      outstanding++;
-      req.offset = nextOffset();
-      engine.submitCb(req, onComplete);
-    };
-    const after = (): void => {
-      outstanding--;
-      if (!stop) issue();
-      else if (outstanding === 0) drained();
-    };
-    const onDone = (): void => {
-      done++;
-      after();
-    };
-    const onError = (e: unknown): void => {
-      errors++;
-      if (firstError === null) firstError = e instanceof Error ? e.message : String(e);
-      after();
-    };
-    return issue;
-  });
+  /** Fills the queue; throws while requests from the last start() are still outstanding. */
+  start(): void {
+    if (this.outstanding > 0) throw new Error('EngineLoad.start: still running');
+    this.stopping = false;
+    for (const issue of this.issuers) issue();
+  }
 
-  for (const issue of slots) issue();
-  await new Promise((r) => setTimeout(r, warmupSeconds * 1000));
-  const done0 = done;
-  const cpu0 = process.cpuUsage();
-  const t0 = process.hrtime.bigint();
-  await new Promise((r) => setTimeout(r, seconds * 1000));
-  const done1 = done;
-  const cpu1 = process.cpuUsage(cpu0);
-  const t1 = process.hrtime.bigint();
-  stop = true;
-  await allDone;
-  const secs = Number(t1 - t0) / 1e9;
-  const ios = done1 - done0;
+  /** Issues no more requests; resolves once every outstanding one has finished. */
+  stop(): Promise<void> {
+    this.stopping = true;
+    if (this.outstanding === 0) return Promise.resolve();
+    return new Promise<void>((r) => {
+      this.drained = () => {
+        this.drained = null;
+        r();
+      };
+    });
+  }
+}
+
+function loadResult(w: Workload, ios: number, secs: number, cpuUs: number, load: EngineLoad): LoadResult {
   return {
     ios,
     seconds: secs,
     iops: ios / secs,
     bytesPerSec: (ios * w.bs) / secs,
-    cpuUsPerIo: ios > 0 ? (cpu1.user + cpu1.system) / ios : NaN,
-    errors,
-    firstError,
+    cpuUsPerIo: ios > 0 ? cpuUs / ios : NaN,
+    errors: load.errors,
+    firstError: load.firstError,
   };
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Runs `w` for warmupSeconds untimed, then seconds timed; resolves once every request has finished. */
+export async function runEngineLoad(engine: BlockEngine, w: Workload, seconds: number, warmupSeconds: number, seed = 1): Promise<LoadResult> {
+  const load = new EngineLoad(engine, w, seed);
+  load.start();
+  await sleep(warmupSeconds * 1000);
+  const done0 = load.done;
+  const cpu0 = process.cpuUsage();
+  const t0 = process.hrtime.bigint();
+  await sleep(seconds * 1000);
+  const done1 = load.done;
+  const cpu1 = process.cpuUsage(cpu0);
+  const t1 = process.hrtime.bigint();
+  await load.stop();
+  return loadResult(w, done1 - done0, Number(t1 - t0) / 1e9, cpu1.user + cpu1.system, load);
+}
+
+/**
+ * Two loads on the same disk in alternating slices (A B B A A B ...), so
+ * that the disk's drift over seconds hits both alike. Each slice runs one
+ * load for sliceSeconds; completions are counted from its start until it is
+ * told to stop, and the drain that follows is not timed. Each load runs
+ * `seconds` in all.
+ */
+export async function runSliced(a: EngineLoad, b: EngineLoad, seconds: number, sliceSeconds: number): Promise<{ a: LoadResult; b: LoadResult }> {
+  const slices = Math.max(1, Math.round(seconds / sliceSeconds));
+  const acc = new Map<EngineLoad, { ios: number; ns: bigint; cpuUs: number }>([
+    [a, { ios: 0, ns: 0n, cpuUs: 0 }],
+    [b, { ios: 0, ns: 0n, cpuUs: 0 }],
+  ]);
+  for (let i = 0; i < 2 * slices; i++) {
+    // ABBA order: a drift that is linear in time costs both loads the same.
+    const load = (i >> 1) % 2 === 0 ? (i % 2 === 0 ? a : b) : i % 2 === 0 ? b : a;
+    const s = acc.get(load)!;
+    const done0 = load.done;
+    const cpu0 = process.cpuUsage();
+    const t0 = process.hrtime.bigint();
+    load.start();
+    await sleep(sliceSeconds * 1000);
+    s.ios += load.done - done0;
+    s.ns += process.hrtime.bigint() - t0;
+    const cpu1 = process.cpuUsage(cpu0);
+    s.cpuUs += cpu1.user + cpu1.system;
+    await load.stop();
+  }
+  const result = (load: EngineLoad): LoadResult => {
+    const s = acc.get(load)!;
+    return loadResult(load.w, s.ios, Number(s.ns) / 1e9, s.cpuUs, load);
+  };
+  return { a: result(a), b: result(b) };
 }
 
 export interface RemapRun {
