@@ -23,7 +23,7 @@ import { fillFile, fioVersion, runFio, type FioResult } from './fio.js';
 import { EngineLoad, remapScattered, runEngineLoad, runSliced, type LoadResult, type RemapRun, type Workload } from './engine-load.js';
 import { benchRemapTable, type TableBenchResult } from './table-bench.js';
 import { benchCommitLatency, benchGroupCommit, type CommitLatencyResult, type GroupCommitResult } from './metadata-bench.js';
-import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, table, verdict, MiB, GiB, envNumber } from './util.js';
+import { fmt, fmtInt, fmtRatio, makeTempDir, removeTempDir, sleep, table, verdict, MiB, GiB, envNumber } from './util.js';
 
 
 const SECONDS = envNumber('BENCH_SECONDS', 3, 1);
@@ -173,7 +173,7 @@ async function main(): Promise<void> {
       progress(`engine  ${w.label} (0 remaps and 10k remapped: ${RAMP} s warm-up each)`);
       for (const load of [load0, load10k]) {
         load.start();
-        await new Promise((r) => setTimeout(r, RAMP * 1000));
+        await sleep(RAMP * 1000);
         await load.stop();
       }
       const rounds: Array<{ e0: LoadResult; e10k: LoadResult }> = [];

@@ -5,7 +5,7 @@
 import { allocAligned } from '../src/native/backing.js';
 import type { BlockEngine, EngineRequest } from '../src/engine/engine.js';
 import type { RemapError } from '../src/errors.js';
-import { xorshift32 } from './util.js';
+import { sleep, xorshift32 } from './util.js';
 
 export interface Workload {
   /** Short label, e.g. "randread 4k QD32". */
@@ -121,8 +121,6 @@ function loadResult(w: Workload, ios: number, secs: number, cpuUs: number, load:
     firstError: load.firstError,
   };
 }
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Runs `w` for warmupSeconds untimed, then seconds timed; resolves once every request has finished. */
 export async function runEngineLoad(engine: BlockEngine, w: Workload, seconds: number, warmupSeconds: number, seed = 1): Promise<LoadResult> {
