@@ -6,31 +6,14 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import { FileMetaIO, type MetaIO } from '../../src/metadata/io.js';
+import { FileMetaIO } from '../../src/metadata/io.js';
 import { formatSpare } from '../../src/metadata/store.js';
-import { ERRNO, RemapError } from '../../src/errors.js';
+import { RemapError } from '../../src/errors.js';
+import { CrashIO } from '../metadata/helpers.js';
 import { BS, captureLogger, open, pattern, readBack, sparseFile, tempDir } from './fixtures.js';
 
 const td = tempDir('fmt-int-open');
 afterAll(() => td.cleanup());
-
-/** Lets `limit` writes through, then every write and sync fails and lands nowhere. */
-function crashAfter(inner: MetaIO, limit: number): MetaIO {
-  let writes = 0;
-  let crashed = false;
-  const boom = (): RemapError => new RemapError(ERRNO.EIO, 'crashed (test)');
-  return {
-    get sizeBytes() { return inner.sizeBytes; },
-    describe: () => inner.describe(),
-    read: (o, l) => inner.read(o, l),
-    write: async (o, d) => {
-      if (crashed || writes >= limit) { crashed = true; throw boom(); }
-      writes++;
-      await inner.write(o, d);
-    },
-    sync: async () => { if (crashed) throw boom(); await inner.sync(); },
-  };
-}
 
 describe('openEngine after an interrupted first format', () => {
   it('without format: names the interrupted format; with format: redoes it and serves I/O', async () => {
@@ -38,7 +21,7 @@ describe('openEngine after an interrupted first format', () => {
     const sparePath = sparseFile(join(td.dir, 'spare.img'), 4 * 1024 * 1024);
     const uuid = '0d1e2f30-4152-4637-8899-aabbccddeeff';
     const io = await FileMetaIO.open(sparePath);
-    await expect(formatSpare(crashAfter(io, 3), {
+    await expect(formatSpare(new CrashIO(io, 3), {
       areaOffset: 0, areaBytes: 4 * 1024 * 1024, blockSize: BS, journalBytes: 256 * 1024,
       identity: { main: { kind: 'file', sizeBytes: 16 * 1024 * 1024, dev: 1, ino: 2, stableId: '' }, deviceUuid: uuid },
     })).rejects.toThrow(/crashed/);

@@ -9,50 +9,19 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomUUID } from 'node:crypto';
-import { FileMetaIO, type MetaIO } from '../../src/metadata/io.js';
+import { FileMetaIO } from '../../src/metadata/io.js';
 import { FormatInterruptedError, formatSpare, inspectSpare, loadSpare, type FormatOptions } from '../../src/metadata/store.js';
 import { MetadataWriter } from '../../src/metadata/writer.js';
 import { encodeFormatMarker, decodeFormatMarker, FORMAT_VERSION } from '../../src/metadata/format.js';
 import { reduce, stateToRecords, emptyState } from '../../src/metadata/reduce.js';
 import { ERRNO, RemapError } from '../../src/errors.js';
-import { IDENTITY, rejection, remap, tempDir } from './helpers.js';
+import { CrashIO, IDENTITY, rejection, remap, tempDir } from './helpers.js';
 
 const td = tempDir('fmt-int');
 afterAll(() => td.cleanup());
 let n = 0;
 const path = (): string => join(td.dir, `spare-${n++}.img`);
 const AREA = 1 << 20;
-
-/** Passes the first `limit` writes through; then "crashes": that write and every later write or sync throws, nothing lands. */
-class CrashIO implements MetaIO {
-  writes = 0;
-  crashed = false;
-  constructor(
-    readonly inner: MetaIO,
-    readonly limit: number,
-  ) {}
-  get sizeBytes(): number {
-    return this.inner.sizeBytes;
-  }
-  describe(): string {
-    return this.inner.describe();
-  }
-  read(offset: number, length: number): Promise<Uint8Array> {
-    return this.inner.read(offset, length);
-  }
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    if (this.crashed || this.writes >= this.limit) {
-      this.crashed = true;
-      throw new RemapError(ERRNO.EIO, 'crashed (test)', { device: this.describe(), op: 'metadata-write', offset });
-    }
-    this.writes++;
-    await this.inner.write(offset, data);
-  }
-  async sync(): Promise<void> {
-    if (this.crashed) throw new RemapError(ERRNO.EIO, 'crashed (test)', { device: this.describe(), op: 'metadata-sync' });
-    await this.inner.sync();
-  }
-}
 
 function opts(extra: Partial<FormatOptions> = {}): FormatOptions {
   return { areaOffset: 0, areaBytes: AREA, blockSize: 4096, identity: IDENTITY, journalBytes: 64 * 1024, ...extra };

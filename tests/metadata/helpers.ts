@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { FileMetaIO, type MetaIO } from '../../src/metadata/io.js';
 import { formatSpare, loadSpare, type FormatOptions, type LoadedMetadata } from '../../src/metadata/store.js';
 import { RecordType, type MetaRecord } from '../../src/metadata/records.js';
-import { RemapError } from '../../src/errors.js';
+import { ERRNO, RemapError } from '../../src/errors.js';
 
 export function tempDir(tag: string): { dir: string; cleanup: () => void } {
   const dir = mkdtempSync(join('/var/tmp', `dm-remapd-meta-${tag}-`));
@@ -105,4 +105,35 @@ export async function rejection(p: Promise<unknown>): Promise<RemapError> {
     return e;
   }
   throw new Error('expected a rejection');
+}
+
+/** Passes the first `limit` writes through; then "crashes": that write and every later write or sync throws, nothing lands. */
+export class CrashIO implements MetaIO {
+  writes = 0;
+  crashed = false;
+  constructor(
+    readonly inner: MetaIO,
+    readonly limit: number,
+  ) {}
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+  describe(): string {
+    return this.inner.describe();
+  }
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.inner.read(offset, length);
+  }
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.crashed || this.writes >= this.limit) {
+      this.crashed = true;
+      throw new RemapError(ERRNO.EIO, 'crashed (test)', { device: this.describe(), op: 'metadata-write', offset });
+    }
+    this.writes++;
+    await this.inner.write(offset, data);
+  }
+  async sync(): Promise<void> {
+    if (this.crashed) throw new RemapError(ERRNO.EIO, 'crashed (test)', { device: this.describe(), op: 'metadata-sync' });
+    await this.inner.sync();
+  }
 }
