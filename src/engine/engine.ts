@@ -212,7 +212,6 @@ export class BlockEngine {
   private readonly main: BackingDevice;
   private readonly spare: BackingDevice;
   private readonly spareIsMain: boolean;
-  private readonly spareDataOffset: number;
   private readonly table: RemapTable;
   private readonly pending: BlockSet;
   private readonly badSpare: BlockSet;
@@ -282,7 +281,6 @@ export class BlockEngine {
     this.main = p.main;
     this.spare = p.spare;
     this.spareIsMain = p.spare === p.main;
-    this.spareDataOffset = p.spareDataOffset;
     this.table = p.table;
     this.pending = p.pending;
     this.badSpare = p.badSpare;
