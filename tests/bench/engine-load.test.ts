@@ -43,9 +43,19 @@ describe('bench/engine-load', () => {
     expect(a.status().stats.reads - before).toBe(served);
   });
 
-  it('runSliced alternates the two loads, times each one only during its own slices, and can run again', async () => {
-    const la = new EngineLoad(a, read4k, 1);
-    const lb = new EngineLoad(b, read4k, 2);
+  it('runSliced alternates the two loads (A B B A ...), times each one only during its own slices, and can run again', async () => {
+    const order: string[] = [];
+    class Named extends EngineLoad {
+      constructor(engine: BlockEngine, seed: number, readonly tag: string) {
+        super(engine, read4k, seed);
+      }
+      override start(): void {
+        order.push(this.tag);
+        super.start();
+      }
+    }
+    const la = new Named(a, 1, 'A');
+    const lb = new Named(b, 2, 'B');
     const reads = (): [number, number] => [a.status().stats.reads, b.status().stats.reads];
     const [a0, b0] = reads();
     const r1 = await runSliced(la, lb, 0.4, 0.1);
@@ -59,12 +69,15 @@ describe('bench/engine-load', () => {
       expect(r.ios).toBeLessThanOrEqual(served);
       expect(la.done + lb.done).toBeGreaterThanOrEqual(r1.a.ios + r1.b.ios);
     }
+    expect(order.join(' ')).toBe('A B B A A B B A');
     expect(la.done).toBe(a1 - a0);
     expect(lb.done).toBe(b1 - b0);
     // Both stopped, and both can be started again.
     await new Promise((res) => setTimeout(res, 50));
     expect(reads()).toEqual([a1, b1]);
+    order.length = 0;
     const r2 = await runSliced(lb, la, 0.2, 0.1);
+    expect(order.join(' ')).toBe('B A A B');
     expect(r2.a.ios).toBeGreaterThan(0);
     expect(r2.b.ios).toBeGreaterThan(0);
     expect(la.done).toBe(a.status().stats.reads - a0);
