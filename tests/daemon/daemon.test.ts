@@ -242,7 +242,7 @@ describe('peer credentials', () => {
     const r = await asUser(d.sock, '', 'list');
     expect(r.code).toBe(6);
     expect(r.stderr).toMatch(new RegExp(`uid ${uid} \\(gid ${gid}\\) may not control dm-remapd`));
-    expect(d.logs.some((l) => l.event === 'control-refused' && l.uid === uid)).toBe(true);
+    await d.waitLog((l) => l.event === 'control-refused' && l.uid === uid);
     const ok = await asUser(d.sock, String(ctlGid), 'list');
     expect(ok.stderr).toBe('');
     expect(ok.code).toBe(0);

@@ -40,10 +40,18 @@ export interface Daemon {
   stateDir: string;
   logs: LogLine[];
   stderr: string;
+  /** The exit code, once the process has exited and its log output has been read to the end (or 2 s passed). */
   exited: Promise<number | null>;
   /** Sends the signal and resolves with the exit code. */
   stop(signal?: NodeJS.Signals): Promise<number | null>;
+  /**
+   * The first log line that matches, waiting for it if needed. The daemon logs
+   * before it answers, but its log comes through a pipe that this process may
+   * read after the answer, so a line is waited for, never looked up at once.
+   */
   waitLog(pred: (l: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>;
+  /** Every matching log line, once at least `n` of them have been seen. */
+  waitLogs(pred: (l: LogLine) => boolean, n: number, timeoutMs?: number): Promise<LogLine[]>;
 }
 
 export interface DaemonOptions {
@@ -89,7 +97,14 @@ export async function startDaemon(dir: string, o: DaemonOptions = {}): Promise<D
   });
   const d: Daemon = {
     proc, dir, sock, stateDir, logs, stderr: '',
-    exited: new Promise((res) => proc.once('exit', (code) => res(code))),
+    exited: new Promise((res) => {
+      proc.once('exit', (code) => {
+        const out = proc.stdout;
+        if (out === null || out.readableEnded || out.destroyed) return res(code);
+        const t = setTimeout(() => res(code), 2000);
+        out.once('close', () => { clearTimeout(t); res(code); });
+      });
+    }),
     async stop(signal: NodeJS.Signals = 'SIGTERM') {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
       return d.exited;
@@ -101,6 +116,17 @@ export async function startDaemon(dir: string, o: DaemonOptions = {}): Promise<D
         const t = setTimeout(() => rej(new Error(`log line not seen within ${timeoutMs} ms; logs:\n${logs.map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${d.stderr}`)), timeoutMs);
         waiters.push({ pred, resolve: (l) => { clearTimeout(t); res(l); } });
       });
+    },
+    async waitLogs(pred, n, timeoutMs = 10_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const got = logs.filter(pred);
+        if (got.length >= n) return got;
+        if (Date.now() >= deadline) {
+          throw new Error(`${got.length} of ${n} log lines seen within ${timeoutMs} ms; logs:\n${logs.map((l) => JSON.stringify(l)).join('\n')}\nstderr: ${d.stderr}`);
+        }
+        await new Promise((r) => setTimeout(r, 10));
+      }
     },
   };
   proc.stderr?.setEncoding('utf8');

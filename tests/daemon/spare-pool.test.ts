@@ -149,7 +149,7 @@ print("last", r, flush=True)`], { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'
     expect(added.body.spareBlocksTotal).toBe(primary + 512);
     expect(added.body.roomBlocks).toBeGreaterThanOrEqual(1024 - 512); // --pool-reserve 4M: room for 1024 blocks, 512 taken
     expect((await json<DeviceStatus>(d.sock, 'status', 'pd')).body.spareExhausted).toBe(false);
-    expect(d.logs.some((l) => l.event === 'spare-added' && l.device === 'pd' && l.spare === extra)).toBe(true);
+    await d.waitLog((l) => l.event === 'spare-added' && l.device === 'pd' && l.spare === extra);
     expect(JSON.parse(readFileSync(join(d.stateDir, 'devices.json'), 'utf8')).devices[0].spares).toEqual([extra]);
 
     // remaps continue on the new spare while the client still writes
@@ -198,7 +198,7 @@ print("last", r, flush=True)`], { env: SYS_ENV, stdio: ['ignore', 'pipe', 'pipe'
     const after = await json<SpareListAnswer>(d.sock, 'spare', 'list', 'pd');
     expect(after.code, after.stderr).toBe(0);
     expect(after.body).toEqual(before.body);
-    expect(d.logs.some((l) => l.event === 'opened' && l.device === 'pd' && l.spares === 2)).toBe(true);
+    await d.waitLog((l) => l.event === 'opened' && l.device === 'pd' && l.spares === 2);
     expect(verify(uri, lastRound)).toBe('ok');
   });
 

@@ -94,7 +94,7 @@ describe('engine errors over the wire', () => {
     const s = (await request(dm.sock, 'status', { name: 'ns' })).result as Record<string, unknown>;
     console.log(`[engine errors] spare of ${total} blocks exhausted: ${JSON.stringify({ state: s.state, remapped: s.remappedBlocks, used: s.spareBlocksUsed, spareExhausted: s.spareExhausted, writeErrors: s.writeErrors })}`);
     expect(s).toMatchObject({ state: 'running', spareExhausted: true, remappedBlocks: total, spareBlocksUsed: total });
-    expect(dm.logs.some((l) => l.device === 'ns' && l.level >= 50 && /spare/i.test(l.msg))).toBe(true);
+    await dm.waitLog((l) => l.device === 'ns' && l.level >= 50 && /spare/i.test(l.msg));
     await disk.setBad({});
     const rm = await ctl(dm.sock, 'remove', 'ns');
     expect(rm.code, rm.stderr).toBe(0);

@@ -223,8 +223,7 @@ describe('hung and failing devices through the daemon, beside a healthy device',
     expect(w.line).toMatch(/^ERR EIO /);
     expect(w.ms).toBeGreaterThanOrEqual(META_TIMEOUT_MS - 100);
     expect(w.ms).toBeLessThan(META_TIMEOUT_MS + 2000);
-    const line = warnings('sh').find((l) => l.msg === 'request failed');
-    expect(line, JSON.stringify(warnings('sh'))).toBeDefined();
+    const line = await d.waitLog((l) => l.device === 'sh' && l.level >= 40 && l.msg === 'request failed');
     expect(line).toMatchObject({ device: 'sh', errno: 'EIO', offset: 100 * BS });
     expect(String(line?.err)).toMatch(/spare data write timed out after 1000 ms.*block 100/);
     // Main is still served: a read of a block that is not on the spare answers.
@@ -254,9 +253,9 @@ describe('hung and failing devices through the daemon, beside a healthy device',
     expect((rep.cancelled as string[]).join('; ')).toMatch(/request\(s\) abandoned/);
     const r = await stuck;
     expect(r.line).toMatch(/^ERR ESHUTDOWN /);
-    const line = warnings('mh').find((l) => l.msg === 'request failed');
+    const line = await d.waitLog((l) => l.device === 'mh' && l.level >= 40 && l.msg === 'request failed');
     expect(line).toMatchObject({ device: 'mh', cmd: 'read', offset: 7 * BS, errno: 'ESHUTDOWN' });
-    const removed = d.logs.find((l) => l.device === 'mh' && l.event === 'removed');
+    const removed = await d.waitLog((l) => l.device === 'mh' && l.event === 'removed');
     expect(removed).toMatchObject({ requestsAbandoned: rep.requestsAbandoned });
     await main.setHang(false);
     await main.stop();
@@ -280,6 +279,8 @@ describe('hung and failing devices through the daemon, beside a healthy device',
     // 5 spare blocks per remap (the first try and 4 more), nothing else
     expect(spareWrites).toBeGreaterThanOrEqual(2);
     expect(spareWrites).toBeLessThanOrEqual(10);
+    // the second write's failure is logged after every spare-bad line before it
+    await d.waitLogs((l) => l.device === 'sf' && l.level >= 40 && l.msg === 'request failed', 2);
     const bad = warnings('sf').filter((l) => l.event === 'spare-bad');
     expect(bad.length).toBe(spareWrites);
     expect(bad[0]).toMatchObject({ device: 'sf', block: 200, errno: 'EIO' });
@@ -311,6 +312,7 @@ describe('hung and failing devices through the daemon, beside a healthy device',
     expect(burst.line, burst.line).toMatch(new RegExp(`^BURST ${total} \\{"ENOSPC":10\\} `));
     const s = await status('sx');
     expect(s).toMatchObject({ state: 'running', remappedBlocks: total, spareBlocksUsed: total, spareExhausted: true });
+    await d.waitLogs((l) => l.device === 'sx' && l.level >= 40 && l.msg === 'request failed', 10);
     const exhausted = warnings('sx').filter((l) => l.event === 'spare-exhausted');
     expect(exhausted.length).toBe(1);
     expect(exhausted[0]).toMatchObject({ device: 'sx', block: first + total, spareBlocksTotal: total });
@@ -348,6 +350,8 @@ describe('hung and failing devices through the daemon, beside a healthy device',
       expect(s.failReason).toMatch(new RegExp(`main ${main.path} is unreachable \\((ENOTCONN|ECONNABORTED|ENODEV|ENXIO|ESHUTDOWN|EPIPE|ECONNRESET)\\)`));
       // no remap storm: nothing remapped, no metadata commit
       expect(s).toMatchObject({ remappedBlocks: 0, pendingBlocks: 0, spareBlocksUsed: 0, metadataSeq: s0.metadataSeq });
+      // the last request (the read) has failed in the log too, so every line before it is here
+      await d.waitLog((l) => l.device === name && l.msg === 'request failed' && l.cmd === 'read');
       expect(d.logs.filter((l) => l.device === name && (l.event === 'remap' || l.event === 'read-error' || l.event === 'metadata-commit-failed'))).toEqual([]);
       const failedLine = d.logs.filter((l) => l.device === name && l.event === 'device-failed');
       expect(failedLine.length).toBe(1);
