@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { execFile, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { promisify } from 'node:util';
+import { exitAfterOutput } from './daemon/helpers.js';
 
 const run = promisify(execFile);
 
@@ -36,12 +37,7 @@ describe('embedded default (README main command)', () => {
     let err = '';
     child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
     child.stdout.resume();
-    // The exit code, once stderr has been read to its end too (or 2 s after the exit).
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => {
-      if (child.stderr.readableEnded) return resolve(code);
-      const t = setTimeout(() => resolve(code), 2000);
-      child.stderr.once('close', () => { clearTimeout(t); resolve(code); });
-    }));
+    const exited = exitAfterOutput(child, child.stderr);
     try {
       for (let i = 0; i < 300 && !err.includes('Ctrl-C stops it cleanly'); i++) await new Promise((r) => setTimeout(r, 100));
       expect(err).toContain('Ctrl-C stops it cleanly');

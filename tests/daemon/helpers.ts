@@ -6,6 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
+import type { Readable } from 'node:stream';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -63,6 +64,21 @@ export interface DaemonOptions {
   sock?: string;
 }
 
+/**
+ * The child's exit code, once `out` (a pipe the test reads) has also been read
+ * to its end, or `graceMs` after the exit if something else still holds the
+ * pipe open. Node may report the exit before the last output has been read.
+ */
+export function exitAfterOutput(proc: ChildProcess, out: Readable | null, graceMs = 2000): Promise<number | null> {
+  return new Promise((res) => {
+    proc.once('exit', (code) => {
+      if (out === null || out.readableEnded || out.destroyed) return res(code);
+      const t = setTimeout(() => res(code), graceMs);
+      out.once('close', () => { clearTimeout(t); res(code); });
+    });
+  });
+}
+
 export async function startDaemon(dir: string, o: DaemonOptions = {}): Promise<Daemon> {
   requireBuild();
   const sock = o.sock ?? join(dir, 'run', 'control.sock');
@@ -97,14 +113,7 @@ export async function startDaemon(dir: string, o: DaemonOptions = {}): Promise<D
   });
   const d: Daemon = {
     proc, dir, sock, stateDir, logs, stderr: '',
-    exited: new Promise((res) => {
-      proc.once('exit', (code) => {
-        const out = proc.stdout;
-        if (out === null || out.readableEnded || out.destroyed) return res(code);
-        const t = setTimeout(() => res(code), 2000);
-        out.once('close', () => { clearTimeout(t); res(code); });
-      });
-    }),
+    exited: exitAfterOutput(proc, proc.stdout),
     async stop(signal: NodeJS.Signals = 'SIGTERM') {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
       return d.exited;
