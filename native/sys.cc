@@ -126,7 +126,16 @@ Napi::Value BlockDeviceSize(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, size);
 }
 
+// exitNow(code): _exit(2) at once. No atexit handlers run, so a write that
+// blocks in libuv's thread pool (whose threads exit() joins) cannot hold the
+// process. The daemon uses it only after its devices are closed.
+Napi::Value ExitNow(const Napi::CallbackInfo& info) {
+  int code = info.Length() >= 1 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 1;
+  _exit(code);
+}
+
 void InitSys(Napi::Env env, Napi::Object exports) {
+  exports.Set("exitNow", Napi::Function::New(env, ExitNow, "exitNow"));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials, "peerCredentials"));
   exports.Set("sdNotify", Napi::Function::New(env, SdNotify, "sdNotify"));
   exports.Set("blockDeviceSize", Napi::Function::New(env, BlockDeviceSize, "blockDeviceSize"));

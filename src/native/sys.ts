@@ -1,6 +1,6 @@
 /**
  * System calls Node lacks, from native/sys.cc: peer credentials of a unix
- * socket, sd_notify, and the size of a block device.
+ * socket, sd_notify, the size of a block device, and _exit.
  */
 import type { Socket } from 'node:net';
 import { RemapError } from '../errors.js';
@@ -18,6 +18,7 @@ interface SysBinding {
   peerCredentials(fd: number): PeerCredentials | number;
   sdNotify(state: string, socketPath?: string): boolean;
   blockDeviceSize(path: string): number;
+  exitNow(code: number): never;
 }
 
 function sys(): SysBinding {
@@ -52,4 +53,12 @@ export function blockDeviceSize(path: string): number {
   const r = sys().blockDeviceSize(path);
   if (r < 0) throw new RemapError(-r, `cannot get the size of ${path}`, { device: path, op: 'size' });
   return r;
+}
+
+/**
+ * Ends the process at once with `code` (_exit(2)): no exit handlers, and no
+ * wait for libuv's thread pool, where a write to a stalled pipe can block forever.
+ */
+export function exitNow(code: number): never {
+  return sys().exitNow(code);
 }
