@@ -11,7 +11,7 @@ import { Command, CommanderError, Option } from 'commander';
 import pino, { type Logger } from 'pino';
 import { openEngine } from '../engine/open.js';
 import { findProjectRoot } from '../native/binding.js';
-import { sdNotify } from '../native/sys.js';
+import { exitNow, sdNotify } from '../native/sys.js';
 import { ConfigError, DEFAULTS, applyConfig, readConfigFile, resolveGroup, type DaemonConfig } from './config.js';
 import { ControlServer, type CommandHandler } from './control.js';
 import { DeviceManager, type DeviceSpec } from './devices.js';
@@ -29,6 +29,11 @@ import { checkMountNamespace, detachOwnMounts } from './mount-namespace.js';
 import { backingPaths, reassembleWaitMs, waitForPaths } from './boot-wait.js';
 import { StateFile, UBLK_MAX_DEPTH, UBLK_MAX_QUEUES } from './state.js';
 import { openersHandlers, refuseRemoveIfOpen } from './handlers-openers.js';
+import { LogStream } from './log-stream.js';
+
+/** How long the daemon waits at exit for its last log lines to be written. */
+const LOG_DRAIN_MS = 2000;
+const logStream = new LogStream();
 
 function version(): string {
   try {
@@ -187,7 +192,7 @@ async function run(): Promise<number> {
     }
     throw err;
   }
-  const log: Logger = pino({ level: cfg.logLevel, base: { pid: process.pid, service: 'dm-remapd' } });
+  const log: Logger = pino({ level: cfg.logLevel, base: { pid: process.pid, service: 'dm-remapd' } }, logStream);
   const mountNamespace = checkMountNamespace(log); // warns in a private one (src/daemon/mount-namespace.ts)
   let groupId: number | undefined;
   try {
@@ -277,15 +282,29 @@ async function run(): Promise<number> {
   return 0;
 }
 
+/**
+ * Lets the last log lines out (bounded: the reader may be gone or stalled),
+ * then leaves: libuv handles of abandoned hung I/O must not keep the process
+ * alive, and neither may a log write blocked on a reader that stopped reading
+ * (exit(3) would join its thread-pool thread, so then _exit).
+ */
+async function leave(code: number): Promise<void> {
+  process.exitCode = code;
+  await logStream.drain(LOG_DRAIN_MS);
+  if (logStream.busy) {
+    try {
+      exitNow(code);
+    } catch {
+      // no addon (the reason run() failed, maybe): exit as usual
+    }
+  }
+  process.exit(code);
+}
+
 run().then(
-  (code) => {
-    // Let pino's synchronous stdout writes finish, then leave (libuv handles of
-    // abandoned hung I/O must not keep the process alive).
-    process.exitCode = code;
-    setImmediate(() => process.exit(code));
-  },
+  (code) => leave(code),
   (err: unknown) => {
     process.stderr.write(`dm-remapd: fatal: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
-    process.exit(1);
+    return leave(1);
   },
 );
