@@ -21,7 +21,7 @@ import { write as fsWrite, writeSync } from 'node:fs';
 export interface LogStreamOptions {
   /** Default 1 (stdout). */
   fd?: number;
-  /** Lines waiting beyond this many bytes are dropped and counted. Default 16 MiB. */
+  /** Lines waiting beyond this size (counted in UTF-16 units, near enough to bytes for JSON logs) are dropped and counted. Default 16 Mi. */
   maxPendingBytes?: number;
   /** Where a broken output is reported (default: a line on fd 2). */
   onBroken?: (errno: string, message: string) => void;

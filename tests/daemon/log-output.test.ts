@@ -104,31 +104,40 @@ describe('LogStream', () => {
 
   it('a stalled output keeps at most maxPendingBytes, counts what it drops, and says so once it moves', async () => {
     const [r, w] = fifo(dir, 'stall');
-    const s = new LogStream({ fd: w, maxPendingBytes: 4096 });
-    // Fill the pipe (64 KiB) and the pending lines while nothing reads.
-    const line = `${JSON.stringify({ pad: 'y'.repeat(100) })}\n`;
-    for (let i = 0; i < 2000; i++) s.write(line);
-    await new Promise((res) => setTimeout(res, 50));
-    expect(s.dropped).toBeGreaterThan(0);
-    const dropped = s.dropped;
-    // Read it all out, then log once more: a log-lines-dropped line comes first.
-    let got = '';
-    const until = Date.now() + 5000;
-    while (Date.now() < until) {
+    try {
+      const s = new LogStream({ fd: w, maxPendingBytes: 4096 });
+      // 2000 lines of 113 bytes, a few at a time, while nothing reads: the
+      // pipe (64 KiB) fills, a write blocks, 4 KiB of lines wait, the rest drop.
+      const line = `${JSON.stringify({ pad: 'y'.repeat(100) })}\n`;
+      for (let i = 0; i < 2000; i++) {
+        s.write(line);
+        if (i % 20 === 19) await new Promise((res) => setTimeout(res, 2)); // 2.2 KiB a turn: under the cap until the pipe is full
+      }
+      await new Promise((res) => setTimeout(res, 50));
+      expect(s.busy).toBe(true);
+      const dropped = s.dropped;
+      expect(dropped).toBeGreaterThan(2000 - (64 << 10) / line.length - 4096 / line.length - 10);
+      // Read it all out, then log once more: a log-lines-dropped line comes first.
+      let got = '';
+      const until = Date.now() + 5000;
+      while (Date.now() < until) {
+        got += readAvailable(r);
+        if (!s.busy) break;
+        await new Promise((res) => setTimeout(res, 5));
+      }
+      s.write('{"after":1}\n');
+      expect(await s.drain(5000)).toBe(true);
       got += readAvailable(r);
-      if (!s.busy) break;
-      await new Promise((res) => setTimeout(res, 5));
+      const lines = got.trim().split('\n');
+      expect(lines.slice(0, -2).filter((l) => `${l}\n` !== line)).toEqual([]);
+      expect(lines.length - 2 + dropped).toBe(2000);
+      const note = JSON.parse(lines.at(-2) as string) as Record<string, unknown>;
+      expect(note).toMatchObject({ event: 'log-lines-dropped', dropped, level: 40 });
+      expect(lines.at(-1)).toBe('{"after":1}');
+    } finally {
+      closeSync(r); // a writer still blocked gets EPIPE and lets go
+      closeSync(w);
     }
-    s.write('{"after":1}\n');
-    expect(await s.drain(5000)).toBe(true);
-    got += readAvailable(r);
-    const lines = got.trim().split('\n');
-    expect(lines.length + dropped).toBe(2000 + 2);
-    const note = JSON.parse(lines.at(-2) as string) as Record<string, unknown>;
-    expect(note).toMatchObject({ event: 'log-lines-dropped', dropped, level: 40 });
-    expect(lines.at(-1)).toBe('{"after":1}');
-    closeSync(r);
-    closeSync(w);
   });
 });
 
