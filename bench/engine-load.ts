@@ -152,8 +152,8 @@ export async function runSliced(a: EngineLoad, b: EngineLoad, seconds: number, s
     [b, { ios: 0, ns: 0n, cpuUs: 0 }],
   ]);
   for (let i = 0; i < 2 * slices; i++) {
-    // ABBA order: a drift that is linear in time costs both loads the same.
-    const load = (i >> 1) % 2 === 0 ? (i % 2 === 0 ? a : b) : i % 2 === 0 ? b : a;
+    // A B B A order: a drift that is linear in time costs both loads the same.
+    const load = [a, b, b, a][i % 4];
     const s = acc.get(load)!;
     const done0 = load.done;
     const cpu0 = process.cpuUsage();
