@@ -289,7 +289,6 @@ async function run(): Promise<number> {
  * (exit(3) would join its thread-pool thread, so then _exit).
  */
 async function leave(code: number): Promise<void> {
-  process.exitCode = code;
   await logStream.drain(LOG_DRAIN_MS);
   if (logStream.busy) {
     try {
